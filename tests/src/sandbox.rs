@@ -1,0 +1,273 @@
+//! Isolated roots that hold glibc, decoy libraries and one unzipped layer.
+
+use std::env;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::manifest::Layer;
+
+/// Prefix of the environment variables naming the build root of an
+/// architecture (`LAYERS_BUILD_ROOT_X86_64`); `cargo xtask test` sets them.
+pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
+
+/// Sonames that get no decoy although the base image has them: glibc
+/// itself dlopens libgcc_s.so.1 from LD_LIBRARY_PATH (for thread
+/// cancellation), where the real base image has a working copy.
+const NO_DECOY: &[&str] = &["libgcc_s.so.1"];
+
+/// The user Lambda runs functions as is not root; php-fpm refuses root.
+const SANDBOX_UID: &str = "993";
+const SANDBOX_GID: &str = "990";
+
+/// A layer unzipped into an isolated root.
+pub struct LayerRoot {
+    _dir: TempDir,
+    /// The root directory: becomes `/`.
+    pub root: PathBuf,
+    /// The unzipped layer: becomes `/opt`, read-only.
+    pub opt: PathBuf,
+    /// Becomes `/tmp`, writable, reachable from the host (for sockets).
+    pub tmp: PathBuf,
+    /// Becomes `/var/task`, read-only: the function's code and ini files.
+    pub task: PathBuf,
+    /// Sonames that have a decoy in `/lib64`.
+    pub decoys: Vec<String>,
+    /// Lambda's LD_LIBRARY_PATH on the layer's target.
+    ld_library_path: String,
+}
+
+/// Exit status and output of a command run in a root.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl LayerRoot {
+    /// Unzips `layer` and builds its isolated root.
+    pub fn new(layer: &Layer) -> Result<LayerRoot> {
+        let dir = tempfile::Builder::new().prefix("layer-root-").tempdir()?;
+        let root = dir.path().join("root");
+        let opt = dir.path().join("opt");
+        let tmp = dir.path().join("tmp");
+        let task = dir.path().join("task");
+        for path in [&root, &opt, &tmp, &task] {
+            fs::create_dir_all(path)?;
+        }
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))?;
+
+        unzip(&layer.zip_path(), &opt)?;
+        let build_root = build_root(&layer.architecture)?;
+        install_glibc(&build_root, &root, &layer.architecture)?;
+        let decoys = install_decoys(layer, &root.join("lib64"), dir.path())?;
+        for mount_point in ["opt", "tmp", "var/task", "proc", "dev", "etc"] {
+            fs::create_dir_all(root.join(mount_point))?;
+        }
+
+        Ok(LayerRoot {
+            _dir: dir,
+            root,
+            opt,
+            tmp,
+            task,
+            decoys,
+            ld_library_path: layer.ld_library_path.clone(),
+        })
+    }
+
+    /// Returns the command that runs `program` inside the root, as Lambda
+    /// would: no network, a non-root user, Lambda's library path and task
+    /// root, and nothing of the host's environment.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("bwrap");
+        command
+            .arg("--bind")
+            .arg(&self.root)
+            .arg("/")
+            .arg("--ro-bind")
+            .arg(&self.opt)
+            .arg("/opt")
+            .arg("--bind")
+            .arg(&self.tmp)
+            .arg("/tmp")
+            .arg("--ro-bind")
+            .arg(&self.task)
+            .arg("/var/task")
+            .args(["--proc", "/proc", "--dev", "/dev"])
+            .args([
+                "--unshare-all",
+                "--unshare-user",
+                "--uid",
+                SANDBOX_UID,
+                "--gid",
+                SANDBOX_GID,
+            ])
+            .args(["--die-with-parent", "--clearenv"])
+            .arg("--setenv")
+            .arg("LD_LIBRARY_PATH")
+            .arg(&self.ld_library_path)
+            .args(["--setenv", "PATH", "/opt/bin:/usr/local/bin:/usr/bin:/bin"])
+            .args(["--setenv", "LAMBDA_TASK_ROOT", "/var/task"])
+            .args(["--setenv", "HOME", "/tmp"])
+            .args(["--setenv", "OPENSSL_CONF", "/opt/bref/ssl/openssl.cnf"])
+            .arg("--")
+            .arg(program)
+            .args(args);
+        command
+    }
+
+    /// Runs `program` inside the root and waits for it.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let output = self
+            .command(program, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("failed to start bwrap");
+        Output {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Writes a file into the function's task root (`/var/task`).
+    pub fn add_task_file(&self, relative: &str, contents: &[u8]) {
+        let path = self.task.join(relative);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, contents).unwrap();
+    }
+
+    /// Deletes a bundled library from the layer: its soname link and the
+    /// file it points to. Returns the paths removed.
+    pub fn remove_library(&self, soname: &str) -> Vec<PathBuf> {
+        let link = self.opt.join("lib").join(soname);
+        let mut removed = Vec::new();
+        if let Ok(target) = fs::read_link(&link) {
+            let file = self.opt.join("lib").join(target);
+            fs::remove_file(&file).unwrap();
+            removed.push(file);
+        }
+        fs::remove_file(&link).unwrap_or_else(|error| panic!("cannot remove {}: {error}", link.display()));
+        removed.push(link);
+        removed
+    }
+}
+
+fn build_root(architecture: &str) -> Result<PathBuf> {
+    let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", architecture.to_uppercase());
+    let path = env::var_os(&variable).map(PathBuf::from).with_context(|| {
+        format!("{variable} is not set: it names the build root whose glibc the test roots use; run `cargo xtask test`")
+    })?;
+    if !path.is_dir() {
+        bail!("{variable}={} is not a directory", path.display());
+    }
+    Ok(path)
+}
+
+/// Unzips a layer, keeping modes and symlinks.
+fn unzip(zip_path: &Path, into: &Path) -> Result<()> {
+    let file = File::open(zip_path).with_context(|| format!("cannot open {}", zip_path.display()))?;
+    let mut archive = zip::ZipArchive::new(file)?;
+    archive
+        .extract(into)
+        .with_context(|| format!("cannot unzip {}", zip_path.display()))
+}
+
+fn debian_arch(architecture: &str) -> &'static str {
+    match architecture {
+        "x86_64" => "amd64",
+        "arm64" => "arm64",
+        other => panic!("unknown architecture {other}"),
+    }
+}
+
+fn gnu_triplet(architecture: &str) -> &'static str {
+    match architecture {
+        "x86_64" => "x86_64-linux-gnu",
+        "arm64" => "aarch64-linux-gnu",
+        other => panic!("unknown architecture {other}"),
+    }
+}
+
+/// Copies the files of the build root's libc6 package: its shared
+/// libraries into /lib64, as Lambda has them, and its gconv modules to the
+/// path this glibc was compiled to look in.
+fn install_glibc(build_root: &Path, root: &Path, architecture: &str) -> Result<()> {
+    let list_path = build_root.join(format!("var/lib/dpkg/info/libc6:{}.list", debian_arch(architecture)));
+    let list = fs::read_to_string(&list_path).with_context(|| format!("cannot read {}", list_path.display()))?;
+    let library_dir = format!("/lib/{}/", gnu_triplet(architecture));
+    let gconv_dir = format!("/usr/lib/{}/gconv/", gnu_triplet(architecture));
+
+    let lib64 = root.join("lib64");
+    fs::create_dir_all(&lib64)?;
+    for path in list.lines() {
+        let source = build_root.join(path.trim_start_matches('/'));
+        if !source.is_file() {
+            continue;
+        }
+        let destination = if let Some(name) = path.strip_prefix(&library_dir) {
+            if !name.contains(".so") {
+                continue;
+            }
+            lib64.join(name)
+        } else if path.starts_with(&gconv_dir) {
+            root.join(path.trim_start_matches('/'))
+        } else {
+            continue;
+        };
+        fs::create_dir_all(destination.parent().unwrap())?;
+        fs::copy(&source, &destination)
+            .with_context(|| format!("cannot copy {} to {}", source.display(), destination.display()))?;
+    }
+    if !lib64.join("libc.so.6").exists() {
+        bail!("{} lists no libc.so.6 under {library_dir}", list_path.display());
+    }
+    Ok(())
+}
+
+/// Puts an empty shared library into `lib64` for every bundled library
+/// whose soname the real base image also has.
+fn install_decoys(layer: &Layer, lib64: &Path, work: &Path) -> Result<Vec<String>> {
+    let source = work.join("decoy.c");
+    fs::write(&source, "int php_lambda_layers_decoy(void) { return 0; }\n")?;
+    let mut decoys = Vec::new();
+    for library in &layer.libraries {
+        if !library.shadows_base_image || NO_DECOY.contains(&library.soname.as_str()) {
+            continue;
+        }
+        let status = Command::new("cc")
+            .args(["-shared", "-fPIC", "-nostdlib", "-o"])
+            .arg(lib64.join(&library.soname))
+            .arg(format!("-Wl,-soname,{}", library.soname))
+            .arg(&source)
+            .status()
+            .context("cannot run cc to build the decoy libraries")?;
+        if !status.success() {
+            bail!("cc failed to build the decoy {}", library.soname);
+        }
+        decoys.push(library.soname.clone());
+    }
+    Ok(decoys)
+}

@@ -1,0 +1,418 @@
+//! Acceptance tests of every built layer, in isolated roots.
+//!
+//! They need the zips and manifest.json from `cargo xtask build-layers`,
+//! so they are ignored by a plain `cargo test`; `cargo xtask test` builds
+//! the layers and runs them.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use layer_tests::manifest::workspace_root;
+use layer_tests::{fastcgi, Layer, LayerRoot, Manifest};
+
+fn php_script(name: &str) -> Vec<u8> {
+    fs::read(workspace_root().join("tests/php").join(name)).unwrap()
+}
+
+fn root_for(layer: &Layer) -> LayerRoot {
+    LayerRoot::new(layer).unwrap_or_else(|error| panic!("cannot build the test root of {}: {error:#}", layer.name))
+}
+
+/// Parses `php -m` into its two sections.
+fn parse_modules(output: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut php = BTreeSet::new();
+    let mut zend = BTreeSet::new();
+    let mut section = None;
+    for line in output.lines().map(str::trim).filter(|line| !line.is_empty()) {
+        match line {
+            "[PHP Modules]" => section = Some(&mut php),
+            "[Zend Modules]" => section = Some(&mut zend),
+            name => {
+                let section = section
+                    .as_mut()
+                    .unwrap_or_else(|| panic!("module {name:?} before any section"));
+                section.insert(name.to_string());
+            }
+        }
+    }
+    (php, zend)
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn php_reports_version() {
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        let output = root.run("/opt/bin/php", &["-v"]);
+        assert!(output.success(), "{}: php -v failed\n{output}", layer.name);
+        let expected = format!("PHP {} (cli)", layer.php_version);
+        assert!(
+            output.stdout.starts_with(&expected),
+            "{}: expected {expected:?}\n{output}",
+            layer.name
+        );
+        assert_eq!(output.stderr, "", "{}: php -v wrote to stderr", layer.name);
+        assert!(
+            !root.decoys.is_empty(),
+            "{}: no decoy libraries were installed",
+            layer.name
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn php_modules_match_manifest() {
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        let output = root.run("/opt/bin/php", &["-m"]);
+        assert!(output.success(), "{}: php -m failed\n{output}", layer.name);
+        let (php, zend) = parse_modules(&output.stdout);
+        let expected_php: BTreeSet<String> = layer.modules.php.iter().cloned().collect();
+        let expected_zend: BTreeSet<String> = layer.modules.zend.iter().cloned().collect();
+        assert_eq!(php, expected_php, "{}: [PHP Modules] differ", layer.name);
+        assert_eq!(zend, expected_zend, "{}: [Zend Modules] differ", layer.name);
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn disabled_extensions_enable_through_conf_d() {
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        let ini: String = layer
+            .disabled_extensions
+            .values()
+            .map(|file| format!("extension={}\n", file.trim_end_matches(".so")))
+            .collect();
+        assert!(
+            !ini.is_empty(),
+            "{}: the manifest lists no disabled extension",
+            layer.name
+        );
+
+        let before = root.run("/opt/bin/php", &["-m"]);
+        let (php_before, _) = parse_modules(&before.stdout);
+        root.add_task_file("php/conf.d/50-extensions.ini", ini.as_bytes());
+        let after = root.run("/opt/bin/php", &["-m"]);
+
+        assert!(after.success(), "{}: php -m failed\n{after}", layer.name);
+        assert_eq!(after.stderr, "", "{}: loading the extensions warned", layer.name);
+        let (php_after, _) = parse_modules(&after.stdout);
+        for name in layer.disabled_extensions.keys() {
+            assert!(
+                !php_before.contains(name),
+                "{}: {name} is loaded by default",
+                layer.name
+            );
+            assert!(
+                php_after.contains(name),
+                "{}: {name} not loaded by the conf.d ini\n{after}",
+                layer.name
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn extensions_work_with_bundled_libraries() {
+    let expected_checks = [
+        "curl-uses-openssl",
+        "curl-has-http2",
+        "ca-bundle-present",
+        "tls-server-listens",
+        "curl-https-verified",
+        "intl-number-format",
+        "intl-collation",
+        "intl-transliteration",
+        "sodium-sealed-box",
+        "mbstring-case",
+        "mbstring-regex",
+        "pdo-sqlite",
+        "zip-create",
+        "zip-read",
+        "simplexml-xpath",
+        "opcache-enabled",
+        "iconv-translit",
+        "iconv-gconv-module",
+    ];
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        root.add_task_file("extensions.php", &php_script("extensions.php"));
+        root.add_task_file("php/conf.d/50-intl.ini", b"extension=intl\n");
+
+        let output = root.run("/opt/bin/php", &["/var/task/extensions.php"]);
+
+        assert!(output.success(), "{}: extensions.php failed\n{output}", layer.name);
+        let passed: Vec<&str> = output
+            .stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix("ok "))
+            .collect();
+        assert_eq!(passed, expected_checks, "{}: checks that passed\n{output}", layer.name);
+        assert!(
+            output.stdout.ends_with("all checks passed\n"),
+            "{}\n{output}",
+            layer.name
+        );
+    }
+}
+
+/// Stops the sandboxed php-fpm when the test ends, even on a panic.
+struct RunningFpm(Child);
+
+impl Drop for RunningFpm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn fpm_serves_fastcgi_request() {
+    let manifest = Manifest::load();
+    let layers: Vec<&Layer> = manifest.of_kind("fpm").collect();
+    assert!(!layers.is_empty(), "the manifest lists no fpm layer");
+    for layer in layers {
+        let root = root_for(layer);
+        root.add_task_file("index.php", &php_script("fpm-index.php"));
+        fs::create_dir_all(root.tmp.join(".php-fpm")).unwrap();
+        let socket = root.tmp.join(".php-fpm/php-fpm.sock");
+
+        let child = root
+            .command(
+                "/opt/bin/php-fpm",
+                &[
+                    "--nodaemonize",
+                    "--force-stderr",
+                    "--fpm-config",
+                    "/opt/bref/etc/php-fpm.conf",
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start bwrap");
+        let mut fpm = RunningFpm(child);
+        wait_for_socket(&socket, &mut fpm, &layer.name);
+
+        let params = [
+            ("GATEWAY_INTERFACE", "FastCGI/1.0"),
+            ("REQUEST_METHOD", "POST"),
+            ("SCRIPT_FILENAME", "/var/task/index.php"),
+            ("SCRIPT_NAME", "/index.php"),
+            ("REQUEST_URI", "/index.php?name=lambda"),
+            ("QUERY_STRING", "name=lambda"),
+            ("CONTENT_TYPE", "text/plain"),
+            ("CONTENT_LENGTH", "9"),
+            ("SERVER_PROTOCOL", "HTTP/1.1"),
+            ("SERVER_NAME", "localhost"),
+            ("SERVER_PORT", "80"),
+            ("REMOTE_ADDR", "127.0.0.1"),
+        ];
+        let response = fastcgi::request(&socket, &params, b"some body").unwrap();
+        let text = response.stdout_text();
+
+        assert_eq!(response.app_status, 0, "{}: {text}", layer.name);
+        assert!(text.contains("X-Layer-Test: served\r\n"), "{}: {text}", layer.name);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert_eq!(
+            body, "method=POST\nquery=lambda\nbody=some body\nsapi=fpm-fcgi\nopcache=yes\n",
+            "{}",
+            layer.name
+        );
+    }
+}
+
+fn wait_for_socket(socket: &Path, fpm: &mut RunningFpm, layer: &str) {
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = fpm.0.try_wait().unwrap() {
+            let mut stderr = String::new();
+            fpm.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            panic!("{layer}: php-fpm exited ({status}) before creating its socket:\n{stderr}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{layer}: php-fpm did not create {} within 20 s",
+            socket.display()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn missing_bundled_library_fails_php() {
+    for layer in &Manifest::load().layers {
+        let victim = layer
+            .libraries
+            .iter()
+            .find(|library| !library.shadows_base_image && library.soname.starts_with("libonig"))
+            .or_else(|| layer.libraries.iter().find(|library| !library.shadows_base_image))
+            .unwrap_or_else(|| panic!("{}: no bundled library without a base-image copy", layer.name));
+        let root = root_for(layer);
+        root.remove_library(&victim.soname);
+
+        let output = root.run("/opt/bin/php", &["-v"]);
+
+        assert_eq!(
+            output.code,
+            Some(127),
+            "{}: php ran without {}\n{output}",
+            layer.name,
+            victim.soname
+        );
+        assert!(output.stderr.contains(&victim.soname), "{}\n{output}", layer.name);
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn decoy_is_loaded_without_bundled_copy() {
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        let decoy = root
+            .decoys
+            .iter()
+            .find(|soname| soname.starts_with("libcurl"))
+            .or_else(|| root.decoys.first())
+            .unwrap_or_else(|| panic!("{}: no decoy", layer.name))
+            .clone();
+        root.remove_library(&decoy);
+
+        let output = root.run("/opt/bin/php", &["-v"]);
+
+        // With the bundled copy gone the loader finds the decoy in /lib64,
+        // which lacks every symbol PHP needs: the decoys are on the search
+        // path, so the other tests passing proves the bundled copies win.
+        assert!(
+            !output.success(),
+            "{}: php ran with the {decoy} decoy\n{output}",
+            layer.name
+        );
+        assert!(output.stderr.contains(&decoy), "{}\n{output}", layer.name);
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn zips_keep_modes_and_symlinks() {
+    for layer in &Manifest::load().layers {
+        let file = fs::File::open(layer.zip_path()).unwrap();
+        let mut archive = zip::ZipArchive::new(file).unwrap();
+        let mode = |archive: &mut zip::ZipArchive<fs::File>, name: &str| {
+            let entry = archive
+                .by_name(name)
+                .unwrap_or_else(|_| panic!("{}: no {name}", layer.name));
+            entry.unix_mode().unwrap() & 0o777
+        };
+        assert_eq!(mode(&mut archive, "bin/php"), 0o755, "{}", layer.name);
+        assert_eq!(mode(&mut archive, "bootstrap"), 0o755, "{}", layer.name);
+        assert_eq!(
+            mode(&mut archive, "bref/etc/php/conf.d/10-layer.ini"),
+            0o644,
+            "{}",
+            layer.name
+        );
+
+        let mut symlinks = 0;
+        for index in 0..archive.len() {
+            let entry = archive.by_index(index).unwrap();
+            if entry.is_symlink() {
+                symlinks += 1;
+                let name = entry.name().unwrap();
+                assert!(name.starts_with("lib/"), "{}: unexpected symlink {name}", layer.name);
+            }
+        }
+        assert!(symlinks > 0, "{}: no library symlink was kept", layer.name);
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn elf_files_fit_target_glibc() {
+    for layer in &Manifest::load().layers {
+        let root = root_for(layer);
+        let mut checked = 0;
+        for path in walk(&root.opt) {
+            let bytes = fs::read(&path).unwrap();
+            if !bytes.starts_with(b"\x7fELF") {
+                continue;
+            }
+            let name = path.strip_prefix(&root.opt).unwrap().display().to_string();
+            let elf = goblin::elf::Elf::parse(&bytes).unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert!(
+                elf.dynamic.is_some(),
+                "{}: {name} is not dynamically linked",
+                layer.name
+            );
+            assert!(elf.runpaths.is_empty(), "{}: {name} has a DT_RUNPATH", layer.name);
+            if name.starts_with("bin/") || name.starts_with("bref/extensions/") {
+                assert_eq!(elf.rpaths, ["/opt/lib"], "{}: {name} RPATH", layer.name);
+            }
+            for version in glibc_versions(&elf) {
+                assert!(
+                    version <= (2, 34),
+                    "{}: {name} needs GLIBC_{}.{}",
+                    layer.name,
+                    version.0,
+                    version.1
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 10, "{}: only {checked} ELF files found", layer.name);
+    }
+}
+
+fn glibc_versions(elf: &goblin::elf::Elf) -> Vec<(u32, u32)> {
+    let mut versions = Vec::new();
+    let Some(verneed) = &elf.verneed else { return versions };
+    for need in verneed.iter() {
+        for aux in need.iter() {
+            let name = elf.dynstrtab.get_at(aux.vna_name).unwrap_or("");
+            let Some(number) = name.strip_prefix("GLIBC_") else {
+                continue;
+            };
+            let mut parts = number.split('.').map(|part| part.parse::<u32>());
+            if let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) {
+                versions.push((major, minor));
+            }
+        }
+    }
+    versions
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn modules_parse_by_section() {
+    let (php, zend) = parse_modules("[PHP Modules]\nCore\ndate\n\n[Zend Modules]\nZend OPcache\n\n");
+    assert_eq!(php, BTreeSet::from(["Core".to_string(), "date".to_string()]));
+    assert_eq!(zend, BTreeSet::from(["Zend OPcache".to_string()]));
+}

@@ -1,0 +1,379 @@
+//! `cargo xtask build-layers`: for each selected PHP version, architecture
+//! and layer kind, fetch the source, compile PHP in the build root, collect
+//! the shared-library closure, assemble the layer and write its zip.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::archive::{self, Entry, EntrySource, ZipSummary};
+use crate::flags::{Arch, BuildLayersArgs, LayerKind, PhpMinor};
+use crate::layer::{self, BundledLibraryRecord};
+use crate::matrix::{Definitions, ModuleList};
+use crate::mirror::Mirrors;
+use crate::{build_root, compile, host, project_root, sources};
+
+/// Lambda's limit on the unzipped size of a function and all its layers, in bytes.
+pub const MAX_UNZIPPED_BYTES: u64 = 262_144_000;
+
+/// Largest zip that PublishLayerVersion accepts inline (50 MiB); larger
+/// ones must be uploaded through S3.
+pub const MAX_INLINE_ZIP_BYTES: u64 = 50 * 1024 * 1024;
+
+/// The runtime every layer is compatible with.
+pub const COMPATIBLE_RUNTIME: &str = "provided.al2023";
+
+/// File name of the manifest in the output directory.
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// `manifest.json`: what each zip in the output directory contains.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub layers: Vec<ManifestLayer>,
+}
+
+/// One built layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestLayer {
+    pub name: String,
+    pub kind: LayerKind,
+    pub architecture: Arch,
+    pub php_version: String,
+    pub description: String,
+    pub compatible_runtimes: Vec<String>,
+    /// Lambda's architecture name, for `CompatibleArchitectures`.
+    pub compatible_architectures: Vec<String>,
+    /// Newest glibc symbol version the layer's objects may need.
+    pub glibc_max: String,
+    /// Lambda's LD_LIBRARY_PATH on the target, for the acceptance tests.
+    pub ld_library_path: String,
+    /// File name of the zip in the output directory.
+    pub zip: String,
+    pub sha256: String,
+    /// Base64 sha256, as Lambda's `CodeSha256`.
+    pub code_sha256: String,
+    pub zip_bytes: u64,
+    pub unzipped_bytes: u64,
+    /// What `php -m` lists with the layer's own ini files.
+    pub modules: ExpectedModules,
+    /// Shared extensions that ship disabled, with their file names.
+    pub disabled_extensions: BTreeMap<String, String>,
+    pub libraries: Vec<LibraryRecord>,
+}
+
+/// The module names of `php -m`, split in its two sections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExpectedModules {
+    pub php: Vec<String>,
+    pub zend: Vec<String>,
+}
+
+impl From<ModuleList> for ExpectedModules {
+    fn from(list: ModuleList) -> Self {
+        ExpectedModules {
+            php: list.php_modules.into_iter().collect(),
+            zend: list.zend_modules.into_iter().collect(),
+        }
+    }
+}
+
+/// A bundled library in manifest.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LibraryRecord {
+    pub soname: String,
+    pub file: String,
+    pub shadows_base_image: bool,
+    pub needed_by: Vec<String>,
+}
+
+impl From<BundledLibraryRecord> for LibraryRecord {
+    fn from(record: BundledLibraryRecord) -> Self {
+        LibraryRecord {
+            soname: record.soname,
+            file: record.file,
+            shadows_base_image: record.shadows_base_image,
+            needed_by: record.needed_by,
+        }
+    }
+}
+
+/// The resolved selection and locations of one run.
+struct Plan {
+    php: Vec<PhpMinor>,
+    arches: Vec<Arch>,
+    kinds: Vec<LayerKind>,
+    out_dir: PathBuf,
+    cache_dir: PathBuf,
+    jobs: usize,
+}
+
+/// Builds the selected layers and returns their manifest entries.
+pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
+    let started = Instant::now();
+    let project = project_root();
+    let definitions = Definitions::load(&project.join("layers"))?;
+    let plan = plan(args, &definitions, &project)?;
+    host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
+    let mirrors = Mirrors::discover(args.debian_mirror.as_deref())?;
+
+    let mut built = Vec::new();
+    for &arch in &plan.arches {
+        let root = build_root::ensure(&definitions.build_root, arch, &mirrors, &plan.cache_dir)
+            .with_context(|| format!("failed to prepare the {arch} build root"))?;
+        let target = definitions.target(arch);
+
+        for php in &plan.php {
+            let release = &definitions.php[php];
+            let tarball = sources::fetch(release, &mirrors, &plan.cache_dir)?;
+            let build = compile::compile(&definitions, release, &tarball, &root, &plan.cache_dir, plan.jobs)
+                .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
+
+            for &kind in &plan.kinds {
+                let kind_spec = definitions.kind(kind);
+                let name = target.layer_name(kind_spec, *php);
+                let contents = layer::assemble(&definitions, kind, target, &build, &root, &project)
+                    .with_context(|| format!("failed to assemble the layer {name}"))?;
+                let zip_path = plan.out_dir.join(format!("{name}.zip"));
+                let summary = write_layer(&name, &contents.entries, &zip_path)?;
+
+                let disabled_extensions = definitions
+                    .extensions
+                    .shared()
+                    .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
+                    .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
+                    .collect();
+                built.push(ManifestLayer {
+                    name: name.clone(),
+                    kind,
+                    architecture: arch,
+                    php_version: release.version.clone(),
+                    description: kind_spec.description.replace("{version}", &release.version),
+                    compatible_runtimes: vec![COMPATIBLE_RUNTIME.to_string()],
+                    compatible_architectures: vec![target.lambda_architecture.clone()],
+                    glibc_max: target.glibc_max.to_string(),
+                    ld_library_path: target.ld_library_path.clone(),
+                    zip: format!("{name}.zip"),
+                    sha256: summary.sha256,
+                    code_sha256: summary.code_sha256,
+                    zip_bytes: summary.size,
+                    unzipped_bytes: summary.unzipped_size,
+                    modules: definitions.extensions.expected_modules(&[]).into(),
+                    disabled_extensions,
+                    libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
+                });
+            }
+        }
+    }
+
+    write_manifest(&plan.out_dir, &built)?;
+    print_summary(&built, &plan.out_dir);
+    eprintln!("build-layers: done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(built)
+}
+
+fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Result<Plan> {
+    let php = if args.php.is_empty() {
+        definitions.php.keys().copied().collect()
+    } else {
+        for version in &args.php {
+            if !definitions.php.contains_key(version) {
+                let declared: Vec<String> = definitions.php.keys().map(ToString::to_string).collect();
+                bail!(
+                    "PHP {version} is not declared under layers/php/ (declared: {}); add layers/php/{version}.toml to build it",
+                    declared.join(", ")
+                );
+            }
+        }
+        args.php.clone()
+    };
+
+    let arches = if args.arch.is_empty() {
+        Arch::SUPPORTED.to_vec()
+    } else {
+        args.arch.clone()
+    };
+    for arch in &arches {
+        if !Arch::SUPPORTED.contains(arch) {
+            bail!("building for {arch} is not supported yet; supported architectures: x86_64");
+        }
+        if !definitions.targets.contains_key(arch) {
+            bail!("no target definition layers/targets/al2023-{arch}.toml");
+        }
+    }
+
+    let kinds = if args.layer.is_empty() {
+        LayerKind::ALL.to_vec()
+    } else {
+        args.layer.clone()
+    };
+
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |count| count.get()));
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+
+    Ok(Plan {
+        php: dedup(php),
+        arches: dedup(arches),
+        kinds: dedup(kinds),
+        out_dir: absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist"))),
+        cache_dir: absolute(args.cache_dir.clone().unwrap_or_else(|| project.join("cache"))),
+        jobs,
+    })
+}
+
+fn dedup<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items.dedup();
+    items
+}
+
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+/// Checks the size limits and writes the zip.
+fn write_layer(name: &str, entries: &[Entry], zip_path: &Path) -> Result<ZipSummary> {
+    let mut unzipped: u64 = 0;
+    for entry in entries {
+        if let EntrySource::File(source) = &entry.source {
+            unzipped += fs::metadata(source)
+                .with_context(|| format!("failed to read {}", source.display()))?
+                .len();
+        }
+    }
+    if unzipped > MAX_UNZIPPED_BYTES {
+        bail!(
+            "layer {name} would be {unzipped} bytes unzipped, over Lambda's limit of {MAX_UNZIPPED_BYTES} bytes \
+             for a function and all its layers; remove extensions or libraries"
+        );
+    }
+
+    let summary = archive::write_zip(entries, zip_path)?;
+    if summary.size > MAX_INLINE_ZIP_BYTES {
+        eprintln!(
+            "warning: {} is {} bytes, over the {MAX_INLINE_ZIP_BYTES} bytes PublishLayerVersion accepts inline; \
+             publishing it needs an S3 bucket in each region",
+            zip_path.display(),
+            summary.size
+        );
+    }
+    Ok(summary)
+}
+
+/// Writes manifest.json, keeping the entries of layers this run did not
+/// build as long as their zip is still there.
+fn write_manifest(out_dir: &Path, built: &[ManifestLayer]) -> Result<()> {
+    let path = out_dir.join(MANIFEST_NAME);
+    let mut manifest: Manifest = match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|error| {
+            eprintln!("warning: ignoring the unreadable {}: {error}", path.display());
+            Manifest::default()
+        }),
+        Err(_) => Manifest::default(),
+    };
+    manifest
+        .layers
+        .retain(|old| !built.iter().any(|new| new.name == old.name) && out_dir.join(&old.zip).exists());
+    manifest.layers.extend(built.iter().cloned());
+    manifest.layers.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    let temporary = tempfile::NamedTempFile::new_in(out_dir)?;
+    fs::write(temporary.path(), text)?;
+    temporary
+        .persist(&path)
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(())
+}
+
+fn print_summary(built: &[ManifestLayer], out_dir: &Path) {
+    eprintln!(
+        "{:<22} {:>8} {:>12} {:>14} {:>10}",
+        "layer", "arch", "zip bytes", "unzipped bytes", "libraries"
+    );
+    for layer in built {
+        eprintln!(
+            "{:<22} {:>8} {:>12} {:>14} {:>10}",
+            layer.name,
+            layer.architecture,
+            layer.zip_bytes,
+            layer.unzipped_bytes,
+            layer.libraries.len()
+        );
+    }
+    eprintln!("zips and {MANIFEST_NAME} in {}", out_dir.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> BuildLayersArgs {
+        let mut argv = vec!["cargo xtask", "build-layers"];
+        argv.extend_from_slice(args);
+        match crate::flags::Xtask::parse_from(argv).task {
+            crate::flags::Task::BuildLayers(args) => args,
+            _ => unreachable!(),
+        }
+    }
+
+    fn plan_for(args: &[&str]) -> Result<Plan> {
+        let project = project_root();
+        let definitions = Definitions::load(&project.join("layers")).unwrap();
+        plan(&parse(args), &definitions, &project)
+    }
+
+    #[test]
+    fn default_plan_covers_everything_supported() {
+        let plan = plan_for(&[]).unwrap();
+        assert_eq!(plan.arches, [Arch::X86_64]);
+        assert_eq!(plan.kinds, [LayerKind::Function, LayerKind::Fpm]);
+        assert!(plan.php.contains(&"8.2".parse().unwrap()));
+        assert!(plan.out_dir.ends_with("dist"));
+    }
+
+    #[test]
+    fn arm64_is_not_supported_yet() {
+        let error = plan_for(&["--arch", "arm64"]).err().unwrap().to_string();
+        assert!(error.contains("arm64 is not supported yet"), "{error}");
+    }
+
+    #[test]
+    fn undeclared_php_version_is_rejected() {
+        let error = plan_for(&["--php", "7.4"]).err().unwrap().to_string();
+        assert!(error.contains("PHP 7.4 is not declared"), "{error}");
+        assert!(error.contains("8.2"), "{error}");
+    }
+
+    #[test]
+    fn layer_flag_selects_kind() {
+        let plan = plan_for(&["--layer", "fpm", "--layer", "fpm"]).unwrap();
+        assert_eq!(plan.kinds, [LayerKind::Fpm]);
+    }
+
+    #[test]
+    fn oversized_layer_is_rejected_before_zipping() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        fs::File::create(&big).unwrap().set_len(MAX_UNZIPPED_BYTES + 1).unwrap();
+        let entries = vec![Entry {
+            path: "bin/php".into(),
+            source: EntrySource::File(big),
+            mode: 0o755,
+        }];
+        let zip_path = dir.path().join("php-82.zip");
+
+        let error = write_layer("php-82", &entries, &zip_path).unwrap_err().to_string();
+
+        assert!(error.contains("over Lambda's limit"), "{error}");
+        assert!(!zip_path.exists());
+    }
+}

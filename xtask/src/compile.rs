@@ -1,0 +1,250 @@
+//! Compiling PHP inside the build root and installing it into a staging tree.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::build_root::BuildRoot;
+use crate::host;
+use crate::matrix::{Definitions, PhpRelease};
+use crate::process;
+
+/// PHP's install prefix, as configure.toml sets it.
+pub const PREFIX: &str = "/opt/bref";
+
+/// Marker file of a finished build.
+const READY_MARKER: &str = ".php-lambda-layers-ready";
+
+/// Directory of the builds inside the build root. Builds live inside the
+/// root so that the closure resolves their binaries as the root's own files.
+const BUILDS_DIR_INSIDE: &str = "build";
+
+/// A compiled PHP, installed in a staging tree on the host.
+#[derive(Debug, Clone)]
+pub struct PhpBuild {
+    /// The build's cache directory.
+    pub dir: PathBuf,
+}
+
+impl PhpBuild {
+    /// The install prefix inside the staging tree (`<dir>/stage/opt/bref`).
+    pub fn prefix(&self) -> PathBuf {
+        self.dir.join("stage").join(PREFIX.trim_start_matches('/'))
+    }
+
+    /// The directory holding the shared extensions.
+    pub fn extension_dir(&self) -> Result<PathBuf> {
+        let parent = self.prefix().join("lib/php/extensions");
+        let mut dirs: Vec<PathBuf> = fs::read_dir(&parent)
+            .with_context(|| format!("failed to list {}", parent.display()))?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.is_dir())
+            .collect();
+        match dirs.len() {
+            1 => Ok(dirs.remove(0)),
+            count => bail!(
+                "expected one extension directory in {}, found {count}",
+                parent.display()
+            ),
+        }
+    }
+
+    /// The `main/php_config.h` that configure generated.
+    pub fn php_config_h(&self) -> PathBuf {
+        self.dir.join("php_config.h")
+    }
+}
+
+/// Returns the build of `release` for the root's architecture, compiling it
+/// when the cache holds no finished build with the same inputs.
+pub fn compile(
+    definitions: &Definitions,
+    release: &PhpRelease,
+    tarball: &Path,
+    root: &BuildRoot,
+    cache_dir: &Path,
+    jobs: usize,
+) -> Result<PhpBuild> {
+    let configure_args = configure_args(definitions);
+    let key = build_key(release, root, &configure_args, definitions);
+    let name = format!("php-{}-{}-{key}", release.version, root.arch);
+    let dir = root.path.join(BUILDS_DIR_INSIDE).join(&name);
+    let build = PhpBuild { dir: dir.clone() };
+    if dir.join(READY_MARKER).exists() {
+        eprintln!("compile php-{} ({}): cached", release.version, root.arch);
+        return Ok(build);
+    }
+
+    host::ensure(&[host::XZ])?;
+    let partial = crate::process::partial_path(&dir);
+    if partial.exists() {
+        fs::remove_dir_all(&partial)
+            .with_context(|| format!("failed to remove the unfinished build {}", partial.display()))?;
+    }
+    fs::create_dir_all(&partial)?;
+    let log = cache_dir.join("logs").join(format!("compile-{name}.log"));
+    if log.exists() {
+        fs::remove_file(&log)?;
+    }
+    eprintln!(
+        "compile php-{} ({}): started, log in {}",
+        release.version,
+        root.arch,
+        log.display()
+    );
+    let started = Instant::now();
+
+    let mut extract = Command::new("tar");
+    extract.arg("-xf").arg(tarball).arg("-C").arg(&partial);
+    process::run_logged(extract, &log)?;
+    let source_name = format!("php-{}", release.version);
+    let source_dir = partial.join(&source_name);
+    if !source_dir.is_dir() {
+        bail!("{} does not contain the directory {source_name}/", tarball.display());
+    }
+    let source_date_epoch = newest_mtime(&source_dir)?.to_string();
+    let work_inside = inside_path(root, &partial);
+    let source_inside = format!("{work_inside}/{source_name}");
+
+    let in_root = |program: &str| {
+        root.command(program)
+            .cwd(&source_inside)
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.as_str())
+            .env("CFLAGS", definitions.configure.cflags.as_str())
+            .env("CXXFLAGS", definitions.configure.cflags.as_str())
+            .env("LDFLAGS", definitions.configure.ldflags.as_str())
+            // configure records `uname -a` in the binary; keep the host's
+            // name and kernel out of it.
+            .env("PHP_UNAME", "Linux")
+    };
+
+    let configure = in_root("./configure").args(configure_args.iter().map(String::as_str));
+    process::run_logged(configure.build(), &log)?;
+    eprintln!(
+        "compile php-{} ({}): configured, running make",
+        release.version, root.arch
+    );
+
+    let make = in_root("make").arg(format!("-j{jobs}"));
+    process::run_logged(make.build(), &log)?;
+    let install = in_root("make")
+        .arg("install")
+        .arg(format!("INSTALL_ROOT={work_inside}/stage"));
+    process::run_logged(install.build(), &log)?;
+
+    let staged = PhpBuild { dir: partial.clone() };
+    strip(definitions, &staged, root, &log)?;
+    fs::copy(source_dir.join("main/php_config.h"), staged.php_config_h())?;
+    fs::remove_dir_all(&source_dir).with_context(|| format!("failed to remove {}", source_dir.display()))?;
+
+    fs::write(partial.join(READY_MARKER), configure_args.join("\n"))?;
+    fs::rename(&partial, &dir).with_context(|| format!("failed to move {} to {}", partial.display(), dir.display()))?;
+    eprintln!(
+        "compile php-{} ({}): finished in {:.0} s",
+        release.version,
+        root.arch,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(build)
+}
+
+/// Returns the configure arguments: the common flags, then one switch per extension.
+pub fn configure_args(definitions: &Definitions) -> Vec<String> {
+    let common = definitions.configure.flags.iter().cloned();
+    let extensions = definitions
+        .extensions
+        .extensions
+        .iter()
+        .map(|extension| extension.configure.clone());
+    common.chain(extensions).collect()
+}
+
+/// Strips the binaries and shared extensions with the build root's strip.
+fn strip(definitions: &Definitions, build: &PhpBuild, root: &BuildRoot, log: &Path) -> Result<()> {
+    let mut binaries: Vec<String> = Vec::new();
+    for kind in &definitions.kinds {
+        binaries.extend(kind.binaries.iter().cloned());
+    }
+    binaries.sort();
+    binaries.dedup();
+
+    let stage_prefix = format!("{}/stage{PREFIX}", inside_path(root, &build.dir));
+    let mut paths: Vec<String> = binaries
+        .iter()
+        .map(|binary| format!("{stage_prefix}/{binary}"))
+        .collect();
+    let extension_dir = build.extension_dir()?;
+    for extension in definitions.extensions.shared() {
+        let file = extension
+            .file
+            .as_deref()
+            .expect("check() requires a file for shared extensions");
+        if !extension_dir.join(file).exists() {
+            bail!(
+                "make install did not produce the extension {file} in {}; check its configure switch {:?}",
+                extension_dir.display(),
+                extension.configure
+            );
+        }
+        paths.push(format!("{}/{file}", inside_path(root, &extension_dir)));
+    }
+
+    let command = root
+        .command("strip")
+        .arg("--strip-unneeded")
+        .args(paths.iter().map(String::as_str));
+    process::run_logged(command.build(), log)
+}
+
+/// Returns the path of the host path `path`, which lies in the build root,
+/// as commands inside the root see it.
+fn inside_path(root: &BuildRoot, path: &Path) -> String {
+    let relative = path
+        .strip_prefix(&root.path)
+        .expect("the path lies inside the build root");
+    format!("/{}", relative.display())
+}
+
+/// Returns a key that changes whenever an input of the compile changes.
+fn build_key(release: &PhpRelease, root: &BuildRoot, configure_args: &[String], definitions: &Definitions) -> String {
+    let mut hasher = Sha256::new();
+    let root_name = root.path.file_name().unwrap_or_default().to_string_lossy();
+    let inputs = [
+        release.sha256.as_str(),
+        root_name.as_ref(),
+        definitions.configure.cflags.as_str(),
+        definitions.configure.ldflags.as_str(),
+    ];
+    for input in inputs.into_iter().chain(configure_args.iter().map(String::as_str)) {
+        hasher.update(input.as_bytes());
+        hasher.update(b"\0");
+    }
+    let digest = hasher.finalize();
+    crate::sources::hex(&digest[..6])
+}
+
+/// Returns the newest modification time under `dir`, in seconds since the
+/// epoch: the release's own date, used as SOURCE_DATE_EPOCH.
+fn newest_mtime(dir: &Path) -> Result<u64> {
+    let mut newest = UNIX_EPOCH;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("failed to list {}", dir.display()))? {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            }
+            newest = newest.max(metadata.modified()?);
+        }
+    }
+    let seconds = newest.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    if newest > SystemTime::now() {
+        bail!("{} has files dated in the future", dir.display());
+    }
+    Ok(seconds)
+}

@@ -1,0 +1,211 @@
+//! Command-line flags of every task.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build and test the PHP layers for AWS Lambda"
+)]
+pub struct Xtask {
+    #[command(subcommand)]
+    pub task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Task {
+    /// Compile PHP in a Debian build root and write the layer zips and
+    /// manifest.json to the output directory.
+    BuildLayers(BuildLayersArgs),
+    /// Build the layers (unless --no-build), then run the workspace tests and
+    /// the acceptance tests of every built layer.
+    Test(TestArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuildLayersArgs {
+    /// PHP version to build, as major.minor (a file layers/php/<VERSION>.toml).
+    /// Repeat the flag for several. [default: every version under layers/php/]
+    #[arg(long = "php", value_name = "VERSION")]
+    pub php: Vec<PhpMinor>,
+
+    /// CPU architecture to build for. Repeat the flag for several.
+    /// [default: every supported architecture]
+    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    pub arch: Vec<Arch>,
+
+    /// Layer kind to build. Repeat the flag for several. [default: all kinds]
+    #[arg(long = "layer", value_enum, value_name = "KIND")]
+    pub layer: Vec<LayerKind>,
+
+    /// Directory that receives the zips and manifest.json.
+    /// [default: dist/ in the workspace]
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+
+    /// Directory for downloaded sources, build roots and compiled PHP trees,
+    /// reused across runs. [default: cache/ in the workspace]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Debian mirror (a URL such as http://HOST/debian) for the build root
+    /// and for Debian source packages. [default: the mirror of the host's
+    /// apt configuration]
+    #[arg(long, value_name = "URL")]
+    pub debian_mirror: Option<String>,
+
+    /// Parallel jobs for `make`. [default: the number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// Test the zips already in the output directory instead of building
+    /// them first.
+    #[arg(long)]
+    pub no_build: bool,
+
+    #[command(flatten)]
+    pub build: BuildLayersArgs,
+}
+
+/// A target CPU architecture, named as Lambda names it.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Arch {
+    #[value(name = "x86_64")]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    #[value(name = "arm64")]
+    #[serde(rename = "arm64")]
+    Arm64,
+}
+
+impl Arch {
+    pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Arm64];
+
+    /// Architectures the build supports today.
+    pub const SUPPORTED: &'static [Arch] = &[Arch::X86_64];
+
+    /// Lambda's name of the architecture (`x86_64`, `arm64`).
+    pub fn lambda_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Debian's name of the architecture (`amd64`, `arm64`).
+    pub fn debian_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.lambda_name())
+    }
+}
+
+/// A layer kind: what the layer's bootstrap runs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// php and the function runtime, for event handlers.
+    Function,
+    /// php, php-fpm and the FPM runtime, for HTTP applications.
+    Fpm,
+}
+
+impl LayerKind {
+    pub const ALL: &'static [LayerKind] = &[LayerKind::Function, LayerKind::Fpm];
+
+    /// The kind's name in layers/kinds.toml and in manifest.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Function => "function",
+            LayerKind::Fpm => "fpm",
+        }
+    }
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A PHP release series, major.minor (`8.2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PhpMinor {
+    pub major: u8,
+    pub minor: u8,
+}
+
+impl PhpMinor {
+    /// The version without its dot, as layer names use it (`82`).
+    pub fn short(self) -> String {
+        format!("{}{}", self.major, self.minor)
+    }
+}
+
+impl FromStr for PhpMinor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || format!("invalid PHP version {text:?}: expected major.minor, such as 8.2");
+        let (major, minor) = text.split_once('.').ok_or_else(invalid)?;
+        Ok(PhpMinor {
+            major: major.parse().map_err(|_| invalid())?,
+            minor: minor.parse().map_err(|_| invalid())?,
+        })
+    }
+}
+
+impl fmt::Display for PhpMinor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Xtask::command().debug_assert();
+    }
+
+    #[test]
+    fn php_minor_parses() {
+        assert_eq!("8.2".parse::<PhpMinor>(), Ok(PhpMinor { major: 8, minor: 2 }));
+        assert_eq!(PhpMinor { major: 8, minor: 2 }.short(), "82");
+    }
+
+    #[test]
+    fn php_minor_rejects_full_version() {
+        let error = "8.2.32".parse::<PhpMinor>().unwrap_err();
+        assert!(error.contains("major.minor"), "{error}");
+        assert!("eight".parse::<PhpMinor>().is_err());
+    }
+
+    #[test]
+    fn arch_accepts_lambda_names() {
+        let flags = Xtask::try_parse_from(["cargo xtask", "build-layers", "--arch", "arm64"]).unwrap();
+        let Task::BuildLayers(args) = flags.task else {
+            panic!("expected build-layers")
+        };
+        assert_eq!(args.arch, vec![Arch::Arm64]);
+    }
+}

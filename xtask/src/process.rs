@@ -1,0 +1,149 @@
+//! Running external commands: echoed before they start, their output kept
+//! in a log file, and the end of that log shown when they fail.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+/// Lines of a failed command's log shown in the error.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Runs `command` with stdout and stderr appended to `log`.
+///
+/// The command line is printed first and written to the log. A failure
+/// reports the exit status, the last lines of the log and the log's path.
+pub fn run_logged(command: impl Into<Command>, log: &Path) -> Result<()> {
+    let mut command = command.into();
+    let line = display(&command);
+    eprintln!("$ {line}");
+
+    if let Some(dir) = log.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("failed to open the log {}", log.display()))?;
+    writeln!(file, "$ {line}")?;
+    let stderr = file.try_clone()?;
+
+    let started = Instant::now();
+    let status = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(stderr))
+        .status()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    let mut file = OpenOptions::new().append(true).open(log)?;
+    writeln!(file, "# {status} after {:.1} s", started.elapsed().as_secs_f64())?;
+
+    if !status.success() {
+        let tail = log_tail(log, LOG_TAIL_LINES).unwrap_or_default();
+        bail!(
+            "`{line}` failed ({status})\n--- last {LOG_TAIL_LINES} lines of {} ---\n{tail}--- end of log ---",
+            log.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `command`, echoed, with its output passed through to the terminal.
+pub fn run_visible(command: impl Into<Command>) -> Result<()> {
+    let mut command = command.into();
+    let line = display(&command);
+    eprintln!("$ {line}");
+    let status = command.status().with_context(|| format!("failed to start `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Returns the command line as a shell would show it, for messages only.
+pub fn display(command: &Command) -> String {
+    let mut words = vec![command.get_program().to_string_lossy().into_owned()];
+    for arg in command.get_args() {
+        let arg = arg.to_string_lossy();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+        if plain {
+            words.push(arg.into_owned());
+        } else {
+            words.push(format!("'{}'", arg.replace('\'', r"'\''")));
+        }
+    }
+    words.join(" ")
+}
+
+/// Returns the path a stage writes to before it is renamed to `path`:
+/// `path` with `.partial` appended to its file name.
+pub fn partial_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+fn log_tail(log: &Path, count: usize) -> Result<String> {
+    let reader = BufReader::new(File::open(log)?);
+    let mut lines = VecDeque::with_capacity(count);
+    for line in reader.split(b'\n') {
+        if lines.len() == count {
+            lines.pop_front();
+        }
+        lines.push_back(String::from_utf8_lossy(&line?).into_owned());
+    }
+    Ok(lines.into_iter().map(|line| line + "\n").collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_shows_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stage.log");
+        let mut command = Command::new("sh");
+        command.args(["-c", "for i in $(seq 1 100); do echo line $i; done; exit 3"]);
+
+        let error = run_logged(command, &log).unwrap_err().to_string();
+
+        assert!(error.contains("exit status: 3"), "{error}");
+        assert!(error.contains("line 100"), "{error}");
+        // 39 lines of output and the exit status line make the tail.
+        assert!(error.contains("line 62\n"), "{error}");
+        assert!(!error.contains("line 61\n"), "{error}");
+        assert!(error.contains(&log.display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn partial_path_keeps_dotted_names() {
+        let path = Path::new("/cache/builds/php-8.2.32-x86_64-5a40f5");
+        assert_eq!(
+            partial_path(path),
+            Path::new("/cache/builds/php-8.2.32-x86_64-5a40f5.partial")
+        );
+    }
+
+    #[test]
+    fn success_appends_to_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stage.log");
+        let mut command = Command::new("echo");
+        command.arg("hello world");
+
+        run_logged(command, &log).unwrap();
+
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(text.contains("$ echo 'hello world'\n"), "{text}");
+        assert!(text.contains("hello world\n"), "{text}");
+    }
+}

@@ -1,0 +1,43 @@
+//! `cargo xtask test`: builds the layers, then runs every test of the
+//! workspace, the acceptance tests of the built layers included.
+
+use anyhow::{Context, Result};
+use xshell::{cmd, Shell};
+
+use crate::build_layers;
+use crate::build_root;
+use crate::flags::{Arch, TestArgs};
+use crate::matrix::Definitions;
+use crate::project_root;
+
+/// Environment variable that points the acceptance tests at the zips.
+pub const DIST_DIR_VAR: &str = "LAYERS_DIST_DIR";
+
+/// Environment variable prefix that points the acceptance tests at the
+/// build root of an architecture (`LAYERS_BUILD_ROOT_X86_64`), whose glibc
+/// the isolated test roots use.
+pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    let project = project_root();
+    if !args.no_build {
+        build_layers::run(&args.build)?;
+    }
+
+    let dist = args.build.out_dir.clone().unwrap_or_else(|| project.join("dist"));
+    let cache = args.build.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
+    let definitions = Definitions::load(&project.join("layers"))?;
+
+    let sh = Shell::new()?;
+    sh.change_dir(&project);
+    let mut command =
+        cmd!(sh, "cargo test --workspace -- --include-ignored").env(DIST_DIR_VAR, std::path::absolute(&dist)?);
+    for arch in Arch::ALL {
+        if let Some(root) = build_root::find(&definitions.build_root, *arch, &cache) {
+            let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", arch.lambda_name().to_uppercase());
+            command = command.env(variable, std::path::absolute(&root.path)?);
+        }
+    }
+    command.run().context("the tests failed")?;
+    Ok(())
+}
