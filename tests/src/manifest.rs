@@ -11,6 +11,9 @@ use serde::Deserialize;
 /// test` sets it.
 pub const DIST_DIR_VAR: &str = "LAYERS_DIST_DIR";
 
+/// Environment variable naming the build cache; `cargo xtask test` sets it.
+pub const CACHE_DIR_VAR: &str = "LAYERS_CACHE_DIR";
+
 #[derive(Debug, Deserialize)]
 pub struct Manifest {
     pub layers: Vec<Layer>,

@@ -244,6 +244,26 @@ fn install_glibc(build_root: &Path, root: &Path, architecture: &str) -> Result<(
     if !lib64.join("libc.so.6").exists() {
         bail!("{} lists no libc.so.6 under {library_dir}", list_path.display());
     }
+
+    // Lambda's image has a UTF-8 locale, which PHP selects for LC_CTYPE at
+    // startup; iconv's //TRANSLIT needs it for most letters.
+    copy_tree(&build_root.join(LOCALE_DIR), &root.join(LOCALE_DIR))
+}
+
+/// The C.UTF-8 locale, at the path Debian's glibc looks for it.
+const LOCALE_DIR: &str = "usr/lib/locale/C.UTF-8";
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))? {
+        let entry = entry?;
+        let destination = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &destination)?;
+        } else {
+            fs::copy(entry.path(), &destination)?;
+        }
+    }
     Ok(())
 }
 

@@ -416,3 +416,38 @@ fn modules_parse_by_section() {
     assert_eq!(php, BTreeSet::from(["Core".to_string(), "date".to_string()]));
     assert_eq!(zend, BTreeSet::from(["Zend OPcache".to_string()]));
 }
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn rebuilt_zips_are_identical() {
+    let manifest = Manifest::load();
+    let cache_dir = std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)
+        .expect("LAYERS_CACHE_DIR names the build cache; run `cargo xtask test`");
+    let out_dir = tempfile::tempdir().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+
+    // Everything after the compile runs again: closure, assembly, zip.
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "build-layers",
+            "--out-dir",
+        ])
+        .arg(out_dir.path())
+        .arg("--cache-dir")
+        .arg(&cache_dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the second build-layers failed");
+
+    for layer in &manifest.layers {
+        let first = fs::read(layer.zip_path()).unwrap();
+        let second = fs::read(out_dir.path().join(&layer.zip)).unwrap();
+        assert!(first == second, "{}: the second build gave a different zip", layer.name);
+    }
+}

@@ -86,9 +86,8 @@ pub fn ensure(spec: &BuildRootSpec, arch: Arch, mirrors: &Mirrors, cache_dir: &P
         .network(true)
         .args(["install", "--yes", "--quiet", "--no-install-recommends"])
         .args(spec.packages.iter().map(String::as_str));
-    process::run_logged(install.build(), &log)?;
-    let clean = partial_root.command("apt-get").arg("clean");
-    process::run_logged(clean.build(), &log)?;
+    install.run_logged(&log)?;
+    partial_root.command("apt-get").arg("clean").run_logged(&log)?;
 
     fs::write(partial.join(READY_MARKER), serde_json::to_string_pretty(spec)?)?;
     fs::rename(&partial, &path)
@@ -175,6 +174,16 @@ impl RootCommand {
     pub fn cwd(mut self, dir: &str) -> Self {
         self.cwd = Some(dir.to_string());
         self
+    }
+
+    /// Runs the command with its output in `log`, showing only the part
+    /// that runs inside the root.
+    pub fn run_logged(self, log: &Path) -> Result<()> {
+        let root_name = self.root.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut inside = Command::new(&self.program);
+        inside.args(&self.args);
+        let shown = format!("[{root_name}] {}", process::display(&inside));
+        process::run_logged_as(self.build(), &shown, log)
     }
 
     /// Returns the bwrap command line.

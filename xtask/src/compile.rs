@@ -123,18 +123,18 @@ pub fn compile(
     };
 
     let configure = in_root("./configure").args(configure_args.iter().map(String::as_str));
-    process::run_logged(configure.build(), &log)?;
+    configure.run_logged(&log)?;
     eprintln!(
         "compile php-{} ({}): configured, running make",
         release.version, root.arch
     );
 
     let make = in_root("make").arg(format!("-j{jobs}"));
-    process::run_logged(make.build(), &log)?;
+    make.run_logged(&log)?;
     let install = in_root("make")
         .arg("install")
         .arg(format!("INSTALL_ROOT={work_inside}/stage"));
-    process::run_logged(install.build(), &log)?;
+    install.run_logged(&log)?;
 
     let staged = PhpBuild { dir: partial.clone() };
     strip(definitions, &staged, root, &log)?;
@@ -197,7 +197,7 @@ fn strip(definitions: &Definitions, build: &PhpBuild, root: &BuildRoot, log: &Pa
         .command("strip")
         .arg("--strip-unneeded")
         .args(paths.iter().map(String::as_str));
-    process::run_logged(command.build(), log)
+    command.run_logged(log)
 }
 
 /// Returns the path of the host path `path`, which lies in the build root,

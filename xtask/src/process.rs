@@ -18,9 +18,16 @@ const LOG_TAIL_LINES: usize = 40;
 /// The command line is printed first and written to the log. A failure
 /// reports the exit status, the last lines of the log and the log's path.
 pub fn run_logged(command: impl Into<Command>, log: &Path) -> Result<()> {
-    let mut command = command.into();
+    let command = command.into();
     let line = display(&command);
-    eprintln!("$ {line}");
+    run_logged_as(command, &line, log)
+}
+
+/// Runs `command` like [`run_logged`], but prints `shown` instead of the
+/// whole command line, which still goes to the log.
+pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()> {
+    let line = display(&command);
+    eprintln!("$ {shown}");
 
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;

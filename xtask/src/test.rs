@@ -13,6 +13,9 @@ use crate::project_root;
 /// Environment variable that points the acceptance tests at the zips.
 pub const DIST_DIR_VAR: &str = "LAYERS_DIST_DIR";
 
+/// Environment variable that points the acceptance tests at the build cache.
+pub const CACHE_DIR_VAR: &str = "LAYERS_CACHE_DIR";
+
 /// Environment variable prefix that points the acceptance tests at the
 /// build root of an architecture (`LAYERS_BUILD_ROOT_X86_64`), whose glibc
 /// the isolated test roots use.
@@ -30,8 +33,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     let sh = Shell::new()?;
     sh.change_dir(&project);
-    let mut command =
-        cmd!(sh, "cargo test --workspace -- --include-ignored").env(DIST_DIR_VAR, std::path::absolute(&dist)?);
+    let mut command = cmd!(sh, "cargo test --workspace -- --include-ignored")
+        .env(DIST_DIR_VAR, std::path::absolute(&dist)?)
+        .env(CACHE_DIR_VAR, std::path::absolute(&cache)?);
     for arch in Arch::ALL {
         if let Some(root) = build_root::find(&definitions.build_root, *arch, &cache) {
             let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", arch.lambda_name().to_uppercase());
