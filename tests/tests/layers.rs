@@ -291,9 +291,9 @@ fn decoy_is_loaded_without_bundled_copy() {
 
         let output = root.run("/opt/bin/php", &["-v"]);
 
-        // With the bundled copy gone the loader finds the decoy in /lib64,
-        // which lacks every symbol PHP needs: the decoys are on the search
-        // path, so the other tests passing proves the bundled copies win.
+        // With the bundled copy gone, the loader finds the decoy in /lib64,
+        // which lacks every symbol PHP needs. So the decoys are on the search
+        // path, and the other tests passing proves that the bundled copies win.
         assert!(
             !output.success(),
             "{}: php ran with the {decoy} decoy\n{output}",

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime, ZipWriter};
 
-/// What an archive entry contains.
+/// Content of an archive entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntrySource {
     /// The contents of a host file (symlinks followed).
@@ -101,6 +101,7 @@ pub fn write_zip(entries: &[Entry], path: &Path) -> Result<ZipSummary> {
         hasher.finalize()
     };
     let size = temporary.as_file().metadata()?.len();
+    make_world_readable(temporary.path())?;
     temporary
         .persist(path)
         .with_context(|| format!("failed to write {}", path.display()))?;
@@ -110,6 +111,14 @@ pub fn write_zip(entries: &[Entry], path: &Path) -> Result<ZipSummary> {
         size,
         unzipped_size,
     })
+}
+
+/// Gives a file mode 0644: temporary files start as 0600, and the outputs
+/// are read by upload steps and other users.
+pub fn make_world_readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("failed to set the mode of {}", path.display()))
 }
 
 #[cfg(test)]
@@ -175,6 +184,7 @@ mod tests {
         let path = dir.path().join("layer.zip");
         let summary = write_zip(&sample_entries(dir.path()), &path).unwrap();
         assert_eq!(summary.unzipped_size, 10_000 + 19);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
 
         let mut archive = zip::ZipArchive::new(File::open(&path).unwrap()).unwrap();
         let mut in_order = Vec::new();

@@ -58,7 +58,7 @@ pub struct ManifestLayer {
     pub code_sha256: String,
     pub zip_bytes: u64,
     pub unzipped_bytes: u64,
-    /// What `php -m` lists with the layer's own ini files.
+    /// Modules that `php -m` lists with the layer's own ini files.
     pub modules: ExpectedModules,
     /// Shared extensions that ship disabled, with their file names.
     pub disabled_extensions: BTreeMap<String, String>,
@@ -218,12 +218,18 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         bail!("--jobs must be at least 1");
     }
 
+    let out_dir = absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist")));
+    let cache_dir = absolute(args.cache_dir.clone().unwrap_or_else(|| project.join("cache")));
+    for dir in [&out_dir, &cache_dir] {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create the directory {}", dir.display()))?;
+    }
+
     Ok(Plan {
         php: dedup(php),
         arches: dedup(arches),
         kinds: dedup(kinds),
-        out_dir: absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist"))),
-        cache_dir: absolute(args.cache_dir.clone().unwrap_or_else(|| project.join("cache"))),
+        out_dir,
+        cache_dir,
         jobs,
     })
 }
@@ -287,6 +293,7 @@ fn write_manifest(out_dir: &Path, built: &[ManifestLayer]) -> Result<()> {
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
     let temporary = tempfile::NamedTempFile::new_in(out_dir)?;
     fs::write(temporary.path(), text)?;
+    archive::make_world_readable(temporary.path())?;
     temporary
         .persist(&path)
         .with_context(|| format!("failed to write {}", path.display()))?;

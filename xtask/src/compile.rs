@@ -31,12 +31,12 @@ pub struct PhpBuild {
 }
 
 impl PhpBuild {
-    /// The install prefix inside the staging tree (`<dir>/stage/opt/bref`).
+    /// Returns the install prefix inside the staging tree (`<dir>/stage/opt/bref`).
     pub fn prefix(&self) -> PathBuf {
         self.dir.join("stage").join(PREFIX.trim_start_matches('/'))
     }
 
-    /// The directory holding the shared extensions.
+    /// Returns the directory that contains the shared extensions.
     pub fn extension_dir(&self) -> Result<PathBuf> {
         let parent = self.prefix().join("lib/php/extensions");
         let mut dirs: Vec<PathBuf> = fs::read_dir(&parent)
@@ -53,14 +53,14 @@ impl PhpBuild {
         }
     }
 
-    /// The `main/php_config.h` that configure generated.
+    /// Returns the path of the `main/php_config.h` that configure generated.
     pub fn php_config_h(&self) -> PathBuf {
         self.dir.join("php_config.h")
     }
 }
 
 /// Returns the build of `release` for the root's architecture, compiling it
-/// when the cache holds no finished build with the same inputs.
+/// when the cache contains no finished build with the same inputs.
 pub fn compile(
     definitions: &Definitions,
     release: &PhpRelease,

@@ -35,8 +35,8 @@ pub struct BuildLayersArgs {
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Vec<PhpMinor>,
 
-    /// CPU architecture to build for. Repeat the flag for several.
-    /// [default: every supported architecture]
+    /// CPU architecture to build for (arm64 is not supported yet). Repeat
+    /// the flag for several. [default: every supported architecture]
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub arch: Vec<Arch>,
 
@@ -67,8 +67,8 @@ pub struct BuildLayersArgs {
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Test the zips already in the output directory instead of building
-    /// them first.
+    /// Test the zips already in the output directory (--out-dir) instead
+    /// of building them first.
     #[arg(long)]
     pub no_build: bool,
 
@@ -112,7 +112,7 @@ impl Arch {
 
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.lambda_name())
+        f.pad(self.lambda_name())
     }
 }
 
@@ -129,7 +129,7 @@ pub enum LayerKind {
 impl LayerKind {
     pub const ALL: &'static [LayerKind] = &[LayerKind::Function, LayerKind::Fpm];
 
-    /// The kind's name in layers/kinds.toml and in manifest.json.
+    /// Returns the kind's name in layers/kinds.toml and in manifest.json.
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Function => "function",

@@ -13,7 +13,7 @@ use crate::process;
 pub struct Tool {
     pub program: &'static str,
     pub package: &'static str,
-    /// What the build uses it for, shown when it gets installed.
+    /// Use of the tool in the build, shown when it gets installed.
     pub purpose: &'static str,
 }
 

@@ -18,6 +18,9 @@ use crate::matrix::{Definitions, FileSource, Target};
 /// Directory of the bundled libraries inside the layer, relative to /opt.
 const LIB_DIR: &str = "lib";
 
+/// Where the bundled libraries are at run time.
+const LAYER_LIB_DIR: &str = "/opt/lib";
+
 /// Directory of the shared extensions inside the layer, relative to /opt.
 const EXTENSION_DIR: &str = "bref/extensions";
 
@@ -70,6 +73,9 @@ pub fn assemble(
         entries.push(file_entry(path, source, 0o644));
     }
 
+    for (source, path) in &roots {
+        check_rpath(source).with_context(|| format!("{path} of the {kind} layer ({})", source.display()))?;
+    }
     let root_paths: Vec<PathBuf> = roots.iter().map(|(source, _)| source.clone()).collect();
     let closure = closure::resolve_closure(&root.path, &root_paths, &target.policy())
         .with_context(|| format!("the shared-library closure of the {kind} layer is incomplete"))?;
@@ -94,6 +100,26 @@ pub fn assemble(
     entries.extend(directory_entries(&entries));
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(LayerContents { entries, libraries })
+}
+
+/// Fails unless the ELF file at `path` has exactly the DT_RPATH
+/// `/opt/lib`. Lambda searches /opt/lib last, after the base image's
+/// /lib64, so only an RPATH makes the bundled libraries win.
+fn check_rpath(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let elf = goblin::elf::Elf::parse(&bytes).with_context(|| format!("invalid ELF file {}", path.display()))?;
+    verify_rpath(&elf.rpaths)
+}
+
+fn verify_rpath(rpaths: &[&str]) -> Result<()> {
+    let entries: Vec<&str> = rpaths.iter().flat_map(|rpath| rpath.split(':')).collect();
+    if entries != [LAYER_LIB_DIR] {
+        bail!(
+            "DT_RPATH is {entries:?}, expected [\"{LAYER_LIB_DIR}\"]; link with \
+             -Wl,--disable-new-dtags -Wl,-rpath,{LAYER_LIB_DIR} (ldflags in layers/configure.toml) and configure with --disable-rpath"
+        );
+    }
+    Ok(())
 }
 
 fn file_entry(path: String, source: PathBuf, mode: u32) -> Entry {
@@ -168,7 +194,7 @@ fn file_name(path: &Path) -> Result<String> {
         .with_context(|| format!("{} has no file name", path.display()))
 }
 
-/// Returns an entry for every directory that holds an entry.
+/// Returns an entry for every directory that contains an entry.
 fn directory_entries(entries: &[Entry]) -> Vec<Entry> {
     let mut directories = BTreeSet::new();
     for entry in entries {
@@ -191,6 +217,18 @@ fn directory_entries(entries: &[Entry]) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpath_must_be_layer_lib_dir() {
+        assert!(verify_rpath(&["/opt/lib"]).is_ok());
+
+        let missing = verify_rpath(&[]).unwrap_err().to_string();
+        assert!(missing.contains("--disable-new-dtags"), "{missing}");
+        let extra = verify_rpath(&["/opt/lib:/usr/lib/x86_64-linux-gnu"])
+            .unwrap_err()
+            .to_string();
+        assert!(extra.contains("/usr/lib/x86_64-linux-gnu"), "{extra}");
+    }
 
     #[test]
     fn directories_cover_every_parent() {

@@ -62,7 +62,7 @@ pub struct DebianSource {
     pub file: String,
 }
 
-/// How an extension is built and loaded.
+/// Build and load mode of an extension.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExtensionMode {
@@ -176,7 +176,7 @@ pub struct KindSpec {
     pub binaries: Vec<String>,
 }
 
-/// Where a layer file comes from.
+/// Source of a layer file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileSource {
     /// A path under `runtime/`.

@@ -5,13 +5,17 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 /// Lines of a failed command's log shown in the error.
 const LOG_TAIL_LINES: usize = 40;
+
+/// Interval between the "still running" lines of a long command.
+const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Runs `command` with stdout and stderr appended to `log`.
 ///
@@ -41,12 +45,13 @@ pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()
     let stderr = file.try_clone()?;
 
     let started = Instant::now();
-    let status = command
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::from(file))
         .stderr(Stdio::from(stderr))
-        .status()
+        .spawn()
         .with_context(|| format!("failed to start `{line}`"))?;
+    let status = wait_with_heartbeat(&mut child, shown, started)?;
     let mut file = OpenOptions::new().append(true).open(log)?;
     writeln!(file, "# {status} after {:.1} s", started.elapsed().as_secs_f64())?;
 
@@ -58,6 +63,24 @@ pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()
         );
     }
     Ok(())
+}
+
+/// Waits for `child`, printing a line with the elapsed time every
+/// [`HEARTBEAT`] so that a long compile does not look stuck.
+fn wait_with_heartbeat(child: &mut Child, shown: &str, started: Instant) -> Result<ExitStatus> {
+    let mut next_heartbeat = HEARTBEAT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        let elapsed = started.elapsed();
+        if elapsed >= next_heartbeat {
+            let program = shown.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+            eprintln!("  ... {program} still running after {} s", elapsed.as_secs());
+            next_heartbeat += HEARTBEAT;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Runs `command`, echoed, with its output passed through to the terminal.

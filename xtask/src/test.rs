@@ -1,7 +1,7 @@
 //! `cargo xtask test`: builds the layers, then runs every test of the
 //! workspace, the acceptance tests of the built layers included.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::build_layers;
@@ -30,6 +30,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let dist = args.build.out_dir.clone().unwrap_or_else(|| project.join("dist"));
     let cache = args.build.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
     let definitions = Definitions::load(&project.join("layers"))?;
+    let manifest = dist.join(build_layers::MANIFEST_NAME);
+    if !manifest.is_file() {
+        bail!(
+            "no {} in {}: build the layers first, or run `cargo xtask test` without --no-build",
+            build_layers::MANIFEST_NAME,
+            dist.display()
+        );
+    }
 
     let sh = Shell::new()?;
     sh.change_dir(&project);
@@ -43,5 +51,6 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
     }
     command.run().context("the tests failed")?;
+    eprintln!("test: every test passed");
     Ok(())
 }
