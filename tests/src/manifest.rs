@@ -28,6 +28,7 @@ pub struct Layer {
     pub php_version: String,
     pub glibc_max: String,
     pub ld_library_path: String,
+    pub loader: String,
     pub zip: String,
     pub sha256: String,
     pub modules: Modules,

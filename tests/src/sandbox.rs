@@ -20,6 +20,10 @@ pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
 /// cancellation), where the real base image has a working copy.
 const NO_DECOY: &[&str] = &["libgcc_s.so.1"];
 
+/// qemu-user, which runs the programs of a foreign architecture without
+/// binfmt_misc: the sandbox starts it explicitly.
+const QEMU_AARCH64: &str = "/usr/bin/qemu-aarch64-static";
+
 /// The user Lambda runs functions as is not root; php-fpm refuses root.
 const SANDBOX_UID: &str = "993";
 const SANDBOX_GID: &str = "990";
@@ -39,6 +43,9 @@ pub struct LayerRoot {
     pub decoys: Vec<String>,
     /// Lambda's LD_LIBRARY_PATH on the layer's target.
     ld_library_path: String,
+    /// Set when the layer is for another architecture than this machine's:
+    /// the qemu-user binary that runs its programs.
+    emulator: Option<PathBuf>,
 }
 
 /// Exit status and output of a command run in a root.
@@ -80,8 +87,9 @@ impl LayerRoot {
 
         unzip(&layer.zip_path(), &opt)?;
         let build_root = build_root(&layer.architecture)?;
-        install_glibc(&build_root, &root, &layer.architecture)?;
-        let decoys = install_decoys(layer, &root.join("lib64"), dir.path())?;
+        install_glibc(&build_root, &root, layer)?;
+        let decoys = install_decoys(layer, &build_root, &root.join("lib64"), dir.path())?;
+        let emulator = emulator(&layer.architecture)?;
         for mount_point in ["opt", "tmp", "var/task", "proc", "dev", "etc"] {
             fs::create_dir_all(root.join(mount_point))?;
         }
@@ -94,6 +102,7 @@ impl LayerRoot {
             task,
             decoys,
             ld_library_path: layer.ld_library_path.clone(),
+            emulator,
         })
     }
 
@@ -131,10 +140,14 @@ impl LayerRoot {
             .args(["--setenv", "PATH", "/opt/bin:/usr/local/bin:/usr/bin:/bin"])
             .args(["--setenv", "LAMBDA_TASK_ROOT", "/var/task"])
             .args(["--setenv", "HOME", "/tmp"])
-            .args(["--setenv", "OPENSSL_CONF", "/opt/bref/ssl/openssl.cnf"])
-            .arg("--")
-            .arg(program)
-            .args(args);
+            .args(["--setenv", "OPENSSL_CONF", "/opt/bref/ssl/openssl.cnf"]);
+        if let Some(emulator) = &self.emulator {
+            command.arg("--ro-bind").arg(emulator).arg(QEMU_AARCH64);
+            command.args(["--", QEMU_AARCH64]);
+        } else {
+            command.arg("--");
+        }
+        command.arg(program).args(args);
         command
     }
 
@@ -211,10 +224,38 @@ fn gnu_triplet(architecture: &str) -> &'static str {
     }
 }
 
+/// Returns the qemu-user binary for a layer of `architecture`, or `None`
+/// when this machine runs its programs natively.
+fn emulator(architecture: &str) -> Result<Option<PathBuf>> {
+    let native = matches!(
+        (architecture, env::consts::ARCH),
+        ("x86_64", "x86_64") | ("arm64", "aarch64")
+    );
+    if native {
+        return Ok(None);
+    }
+    if architecture != "arm64" {
+        bail!(
+            "no emulator known for {architecture} layers on this {} machine",
+            env::consts::ARCH
+        );
+    }
+    let path = PathBuf::from(QEMU_AARCH64);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: install qemu-user-static, or run `cargo xtask test`, which does",
+            path.display()
+        );
+    }
+    Ok(Some(path))
+}
+
 /// Copies the files of the build root's libc6 package: its shared
-/// libraries into /lib64, as Lambda has them, and its gconv modules to the
-/// path this glibc was compiled to look in.
-fn install_glibc(build_root: &Path, root: &Path, architecture: &str) -> Result<()> {
+/// libraries into /lib64, as Lambda has them, its loader also at the
+/// target's PT_INTERP path, and its gconv modules to the path this glibc
+/// was compiled to look in.
+fn install_glibc(build_root: &Path, root: &Path, layer: &Layer) -> Result<()> {
+    let architecture = layer.architecture.as_str();
     let list_path = build_root.join(format!("var/lib/dpkg/info/libc6:{}.list", debian_arch(architecture)));
     let list = fs::read_to_string(&list_path).with_context(|| format!("cannot read {}", list_path.display()))?;
     let library_dir = format!("/lib/{}/", gnu_triplet(architecture));
@@ -244,6 +285,12 @@ fn install_glibc(build_root: &Path, root: &Path, architecture: &str) -> Result<(
     if !lib64.join("libc.so.6").exists() {
         bail!("{} lists no libc.so.6 under {library_dir}", list_path.display());
     }
+    let loader = root.join(layer.loader.trim_start_matches('/'));
+    if !loader.exists() {
+        let name = loader.file_name().context("the loader path has no file name")?;
+        fs::create_dir_all(loader.parent().unwrap())?;
+        std::os::unix::fs::symlink(Path::new("/lib64").join(name), &loader)?;
+    }
 
     // Lambda's image has a UTF-8 locale, which PHP selects for LC_CTYPE at
     // startup; iconv's //TRANSLIT needs it for most letters.
@@ -268,25 +315,47 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Puts an empty shared library into `lib64` for every bundled library
-/// whose soname the real base image also has.
-fn install_decoys(layer: &Layer, lib64: &Path, work: &Path) -> Result<Vec<String>> {
-    let source = work.join("decoy.c");
-    fs::write(&source, "int php_lambda_layers_decoy(void) { return 0; }\n")?;
+/// whose soname the real base image also has. The decoys are built with the
+/// build root's compiler for the layer's architecture: the loader skips a
+/// library of another architecture, which would prove nothing.
+fn install_decoys(layer: &Layer, build_root: &Path, lib64: &Path, work: &Path) -> Result<Vec<String>> {
+    let decoy_dir = work.join("decoys");
+    fs::create_dir_all(&decoy_dir)?;
+    fs::write(
+        decoy_dir.join("decoy.c"),
+        "int php_lambda_layers_decoy(void) { return 0; }\n",
+    )?;
+    let compiler = format!("{}-gcc", gnu_triplet(&layer.architecture));
+
     let mut decoys = Vec::new();
     for library in &layer.libraries {
         if !library.shadows_base_image || NO_DECOY.contains(&library.soname.as_str()) {
             continue;
         }
-        let status = Command::new("cc")
+        let output = Command::new("bwrap")
+            .arg("--ro-bind")
+            .arg(build_root)
+            .arg("/")
+            .args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
+            .arg("--bind")
+            .arg(&decoy_dir)
+            .arg("/tmp/decoys")
+            .args(["--unshare-all", "--"])
+            .arg(&compiler)
             .args(["-shared", "-fPIC", "-nostdlib", "-o"])
-            .arg(lib64.join(&library.soname))
+            .arg(format!("/tmp/decoys/{}", library.soname))
             .arg(format!("-Wl,-soname,{}", library.soname))
-            .arg(&source)
-            .status()
-            .context("cannot run cc to build the decoy libraries")?;
-        if !status.success() {
-            bail!("cc failed to build the decoy {}", library.soname);
+            .arg("/tmp/decoys/decoy.c")
+            .output()
+            .context("cannot run bwrap to build the decoy libraries")?;
+        if !output.status.success() {
+            bail!(
+                "{compiler} failed to build the decoy {}: {}",
+                library.soname,
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
+        fs::rename(decoy_dir.join(&library.soname), lib64.join(&library.soname))?;
         decoys.push(library.soname.clone());
     }
     Ok(decoys)

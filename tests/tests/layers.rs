@@ -300,6 +300,13 @@ fn decoy_is_loaded_without_bundled_copy() {
             layer.name
         );
         assert!(output.stderr.contains(&decoy), "{}\n{output}", layer.name);
+        // "cannot open" would mean the loader skipped the decoy, for
+        // example one built for the wrong architecture.
+        assert!(
+            !output.stderr.contains("cannot open shared object file"),
+            "{}: the {decoy} decoy was not loaded\n{output}",
+            layer.name
+        );
     }
 }
 
@@ -350,6 +357,13 @@ fn elf_files_fit_target_glibc() {
             }
             let name = path.strip_prefix(&root.opt).unwrap().display().to_string();
             let elf = goblin::elf::Elf::parse(&bytes).unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert_eq!(
+                elf.header.e_machine,
+                expected_machine(&layer.architecture),
+                "{}: {name} machine",
+                layer.name
+            );
+            assert!(elf.is_64, "{}: {name} is not 64-bit", layer.name);
             assert!(
                 elf.dynamic.is_some(),
                 "{}: {name} is not dynamically linked",
@@ -371,6 +385,14 @@ fn elf_files_fit_target_glibc() {
             checked += 1;
         }
         assert!(checked > 10, "{}: only {checked} ELF files found", layer.name);
+    }
+}
+
+fn expected_machine(architecture: &str) -> u16 {
+    match architecture {
+        "x86_64" => goblin::elf::header::EM_X86_64,
+        "arm64" => goblin::elf::header::EM_AARCH64,
+        other => panic!("unknown architecture {other}"),
     }
 }
 
@@ -450,4 +472,59 @@ fn rebuilt_zips_are_identical() {
         let second = fs::read(out_dir.path().join(&layer.zip)).unwrap();
         assert!(first == second, "{}: the second build gave a different zip", layer.name);
     }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn failed_architecture_keeps_other_layers() {
+    let real_cache = std::path::PathBuf::from(
+        std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)
+            .expect("LAYERS_CACHE_DIR names the build cache; run `cargo xtask test`"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let out_dir = work.path().join("dist");
+
+    // A cache with the source and the finished x86_64 build roots only, so
+    // that the arm64 root must be created, from a mirror that refuses
+    // connections.
+    fs::create_dir_all(cache.join("roots")).unwrap();
+    std::os::unix::fs::symlink(real_cache.join("sources"), cache.join("sources")).unwrap();
+    let mut linked = 0;
+    for entry in fs::read_dir(real_cache.join("roots")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.contains("-amd64-") && !name.ends_with(".partial") {
+            std::os::unix::fs::symlink(real_cache.join("roots").join(&name), cache.join("roots").join(&name)).unwrap();
+            linked += 1;
+        }
+    }
+    assert!(linked > 0, "no x86_64 build root in {}", real_cache.display());
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--package", "xtask", "--", "build-layers"])
+        .args(["--debian-mirror", "http://127.0.0.1:9/debian", "--out-dir"])
+        .arg(&out_dir)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert!(
+        !output.status.success(),
+        "build-layers succeeded without an arm64 root\n{stderr}"
+    );
+    assert!(stderr.contains("1 of 2 architectures failed"), "{stderr}");
+    assert!(
+        stderr.contains("arm64: failed to prepare the arm64 build root"),
+        "{stderr}"
+    );
+    assert!(out_dir.join("php-82.zip").is_file(), "{stderr}");
+    assert!(out_dir.join("php-82-fpm.zip").is_file(), "{stderr}");
+    assert!(!out_dir.join("arm-php-82.zip").exists(), "{stderr}");
+    let manifest = fs::read_to_string(out_dir.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"name\": \"php-82\""), "{manifest}");
+    assert!(!manifest.contains("arm-php-82"), "{manifest}");
 }

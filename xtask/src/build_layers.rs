@@ -11,9 +11,11 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{self, Entry, EntrySource, ZipSummary};
+use crate::build_root::RootRecipe;
+use crate::compile::{Cross, Toolchain};
 use crate::flags::{Arch, BuildLayersArgs, LayerKind, PhpMinor};
 use crate::layer::{self, BundledLibraryRecord};
-use crate::matrix::{Definitions, ModuleList};
+use crate::matrix::{Definitions, ModuleList, PhpRelease, Target};
 use crate::mirror::Mirrors;
 use crate::{build_root, compile, host, project_root, sources};
 
@@ -51,6 +53,8 @@ pub struct ManifestLayer {
     pub glibc_max: String,
     /// Lambda's LD_LIBRARY_PATH on the target, for the acceptance tests.
     pub ld_library_path: String,
+    /// Path of the target's dynamic loader, for the acceptance tests.
+    pub loader: String,
     /// File name of the zip in the output directory.
     pub zip: String,
     pub sha256: String,
@@ -112,6 +116,10 @@ struct Plan {
 }
 
 /// Builds the selected layers and returns their manifest entries.
+///
+/// Architectures build independently: when one fails, the others still
+/// finish and their zips and manifest entries are kept, and the run fails
+/// afterwards, naming each failed architecture.
 pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     let started = Instant::now();
     let project = project_root();
@@ -119,60 +127,161 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     let plan = plan(args, &definitions, &project)?;
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
     let mirrors = Mirrors::discover(args.debian_mirror.as_deref())?;
+    let host = build_root::host_arch()?;
 
     let mut built = Vec::new();
+    let mut failures = Vec::new();
     for &arch in &plan.arches {
-        let root = build_root::ensure(&definitions.build_root, arch, &mirrors, &plan.cache_dir)
-            .with_context(|| format!("failed to prepare the {arch} build root"))?;
-        let target = definitions.target(arch);
-
-        for php in &plan.php {
-            let release = &definitions.php[php];
-            let tarball = sources::fetch(release, &mirrors, &plan.cache_dir)?;
-            let build = compile::compile(&definitions, release, &tarball, &root, &plan.cache_dir, plan.jobs)
-                .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
-
-            for &kind in &plan.kinds {
-                let kind_spec = definitions.kind(kind);
-                let name = target.layer_name(kind_spec, *php);
-                let contents = layer::assemble(&definitions, kind, target, &build, &root, &project)
-                    .with_context(|| format!("failed to assemble the layer {name}"))?;
-                let zip_path = plan.out_dir.join(format!("{name}.zip"));
-                let summary = write_layer(&name, &contents.entries, &zip_path)?;
-
-                let disabled_extensions = definitions
-                    .extensions
-                    .shared()
-                    .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
-                    .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
-                    .collect();
-                built.push(ManifestLayer {
-                    name: name.clone(),
-                    kind,
-                    architecture: arch,
-                    php_version: release.version.clone(),
-                    description: kind_spec.description.replace("{version}", &release.version),
-                    compatible_runtimes: vec![COMPATIBLE_RUNTIME.to_string()],
-                    compatible_architectures: vec![target.lambda_architecture.clone()],
-                    glibc_max: target.glibc_max.to_string(),
-                    ld_library_path: target.ld_library_path.clone(),
-                    zip: format!("{name}.zip"),
-                    sha256: summary.sha256,
-                    code_sha256: summary.code_sha256,
-                    zip_bytes: summary.size,
-                    unzipped_bytes: summary.unzipped_size,
-                    modules: definitions.extensions.expected_modules(&[]).into(),
-                    disabled_extensions,
-                    libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
-                });
+        match build_arch(&definitions, &plan, &mirrors, &project, host, arch) {
+            Ok(layers) => {
+                // Recorded at once, so that a later failure or interruption
+                // keeps this architecture's layers listed.
+                write_manifest(&plan.out_dir, &layers)?;
+                built.extend(layers);
+            }
+            Err(error) => {
+                eprintln!("error: building for {arch} failed: {error:#}");
+                failures.push(format!("{arch}: {error:#}"));
             }
         }
     }
 
-    write_manifest(&plan.out_dir, &built)?;
-    print_summary(&built, &plan.out_dir);
+    if !built.is_empty() {
+        print_summary(&built, &plan.out_dir);
+    }
     eprintln!("build-layers: done in {:.0} s", started.elapsed().as_secs_f64());
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} architectures failed; the layers of the others are in {}:\n{}",
+            failures.len(),
+            plan.arches.len(),
+            plan.out_dir.display(),
+            failures.join("\n")
+        );
+    }
     Ok(built)
+}
+
+/// Builds every selected layer of one architecture.
+fn build_arch(
+    definitions: &Definitions,
+    plan: &Plan,
+    mirrors: &Mirrors,
+    project: &Path,
+    host: Arch,
+    arch: Arch,
+) -> Result<Vec<ManifestLayer>> {
+    let target = definitions.target(arch);
+    let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
+    let root = build_root::ensure(&recipe, mirrors, &plan.cache_dir)
+        .with_context(|| format!("failed to prepare the {arch} build root"))?;
+
+    let mut built = Vec::new();
+    for php in &plan.php {
+        let release = &definitions.php[php];
+        let tarball = sources::fetch(release, mirrors, &plan.cache_dir)?;
+        let toolchain = toolchain(definitions, plan, mirrors, host, target, release, &tarball)?;
+        let build = compile::compile(
+            definitions,
+            release,
+            &tarball,
+            &root,
+            &toolchain,
+            &plan.cache_dir,
+            plan.jobs,
+        )
+        .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
+
+        for &kind in &plan.kinds {
+            let kind_spec = definitions.kind(kind);
+            let name = target.layer_name(kind_spec, *php);
+            let contents = layer::assemble(definitions, kind, target, &build, &root, project)
+                .with_context(|| format!("failed to assemble the layer {name}"))?;
+            let zip_path = plan.out_dir.join(format!("{name}.zip"));
+            let summary = write_layer(&name, &contents.entries, &zip_path)?;
+
+            let disabled_extensions = definitions
+                .extensions
+                .shared()
+                .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
+                .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
+                .collect();
+            built.push(ManifestLayer {
+                name: name.clone(),
+                kind,
+                architecture: arch,
+                php_version: release.version.clone(),
+                description: kind_spec.description.replace("{version}", &release.version),
+                compatible_runtimes: vec![COMPATIBLE_RUNTIME.to_string()],
+                compatible_architectures: vec![target.lambda_architecture.clone()],
+                glibc_max: target.glibc_max.to_string(),
+                ld_library_path: target.ld_library_path.clone(),
+                loader: target.loader.clone(),
+                zip: format!("{name}.zip"),
+                sha256: summary.sha256,
+                code_sha256: summary.code_sha256,
+                zip_bytes: summary.size,
+                unzipped_bytes: summary.unzipped_size,
+                modules: definitions.extensions.expected_modules(&[]).into(),
+                disabled_extensions,
+                libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
+            });
+        }
+    }
+    Ok(built)
+}
+
+/// Returns how to compile for `target`. A cross compile needs the native
+/// build of the same release, whose php_config.h it is checked against,
+/// so that build is made (or taken from the cache) first.
+fn toolchain<'a>(
+    definitions: &'a Definitions,
+    plan: &Plan,
+    mirrors: &Mirrors,
+    host: Arch,
+    target: &'a Target,
+    release: &PhpRelease,
+    tarball: &Path,
+) -> Result<Toolchain<'a>> {
+    if !target.is_cross(host) {
+        return Ok(Toolchain { target, cross: None });
+    }
+
+    let spec = target
+        .cross
+        .as_ref()
+        .with_context(|| format!("no [cross] section for {}", target.arch))?;
+    let native_target = definitions.target(host);
+    eprintln!(
+        "compile php-{} ({}): the php_config.h check needs the {host} build, which comes first",
+        release.version, target.arch
+    );
+    let native_recipe = RootRecipe::new(&definitions.build_root, native_target, host)?;
+    let native_root = build_root::ensure(&native_recipe, mirrors, &plan.cache_dir)
+        .with_context(|| format!("failed to prepare the {host} build root"))?;
+    let native_toolchain = Toolchain {
+        target: native_target,
+        cross: None,
+    };
+    let native_build = compile::compile(
+        definitions,
+        release,
+        tarball,
+        &native_root,
+        &native_toolchain,
+        &plan.cache_dir,
+        plan.jobs,
+    )
+    .with_context(|| format!("failed to compile PHP {} for {host}", release.version))?;
+
+    Ok(Toolchain {
+        target,
+        cross: Some(Cross {
+            spec,
+            build_triplet: &native_target.gnu_triplet,
+            native_header: native_build.php_config_h(),
+        }),
+    })
 }
 
 fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Result<Plan> {
@@ -341,16 +450,16 @@ mod tests {
     #[test]
     fn default_plan_covers_everything_supported() {
         let plan = plan_for(&[]).unwrap();
-        assert_eq!(plan.arches, [Arch::X86_64]);
+        assert_eq!(plan.arches, [Arch::X86_64, Arch::Arm64]);
         assert_eq!(plan.kinds, [LayerKind::Function, LayerKind::Fpm]);
         assert!(plan.php.contains(&"8.2".parse().unwrap()));
         assert!(plan.out_dir.ends_with("dist"));
     }
 
     #[test]
-    fn arm64_is_not_supported_yet() {
-        let error = plan_for(&["--arch", "arm64"]).err().unwrap().to_string();
-        assert!(error.contains("arm64 is not supported yet"), "{error}");
+    fn arch_flag_selects_arm64() {
+        let plan = plan_for(&["--arch", "arm64"]).unwrap();
+        assert_eq!(plan.arches, [Arch::Arm64]);
     }
 
     #[test]

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::flags::Arch;
 use crate::host;
-use crate::matrix::BuildRootSpec;
+use crate::matrix::{BuildRootSpec, Target};
 use crate::mirror::Mirrors;
 use crate::process;
 
@@ -26,27 +26,97 @@ pub struct BuildRoot {
     pub arch: Arch,
 }
 
-/// Returns the cached build root for `spec` and `arch`, creating it first
-/// when the cache has none.
+/// What a build root is made of: the Debian suite, the architecture of
+/// the machine that runs it, and the packages to install.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RootRecipe {
+    pub suite: String,
+    /// Architecture the root's programs run on (the build machine's).
+    pub host: Arch,
+    /// Architecture the root compiles for.
+    pub target: Arch,
+    /// Packages to install, `name:arch` for the target's when cross-compiling.
+    pub packages: Vec<String>,
+}
+
+impl RootRecipe {
+    /// Returns the recipe of the root that builds for `target` on a machine
+    /// of `host` architecture.
+    pub fn new(spec: &BuildRootSpec, target: &Target, host: Arch) -> Result<RootRecipe> {
+        let mut packages = spec.tools.clone();
+        if target.is_cross(host) {
+            let cross = target.cross.as_ref().with_context(|| {
+                format!(
+                    "cannot build for {} on this {host} machine: layers/targets/al2023-{}.toml has no [cross] section",
+                    target.arch, target.arch
+                )
+            })?;
+            packages.extend(cross.packages.iter().cloned());
+            let suffix = format!(":{}", target.arch.debian_name());
+            packages.extend(spec.libraries.iter().map(|library| format!("{library}{suffix}")));
+        } else {
+            packages.extend(spec.libraries.iter().cloned());
+        }
+        Ok(RootRecipe {
+            suite: spec.suite.clone(),
+            host,
+            target: target.arch,
+            packages,
+        })
+    }
+
+    fn is_cross(&self) -> bool {
+        self.host != self.target
+    }
+
+    /// Returns where the root lives: a new package list gives a new root.
+    fn path(&self, cache_dir: &Path) -> PathBuf {
+        let mut hasher = Sha256::new();
+        hasher.update(self.suite.as_bytes());
+        hasher.update(self.host.debian_name().as_bytes());
+        for package in &self.packages {
+            hasher.update(b"\0");
+            hasher.update(package.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let key: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
+        cache_dir
+            .join("roots")
+            .join(format!("{}-{}-{key}", self.suite, self.target.debian_name()))
+    }
+}
+
+/// Returns the architecture of this machine.
+pub fn host_arch() -> Result<Arch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(Arch::X86_64),
+        "aarch64" => Ok(Arch::Arm64),
+        other => bail!("unsupported build machine architecture {other}: build on x86_64 or aarch64"),
+    }
+}
+
+/// Returns the cached build root of `recipe`, creating it first when the
+/// cache has none.
 ///
 /// The root is assembled in a `.partial` directory and renamed into place
 /// only when every package is installed, so an interrupted run never leaves
 /// a root that looks complete.
-pub fn ensure(spec: &BuildRootSpec, arch: Arch, mirrors: &Mirrors, cache_dir: &Path) -> Result<BuildRoot> {
-    let path = root_path(spec, arch, cache_dir);
+pub fn ensure(recipe: &RootRecipe, mirrors: &Mirrors, cache_dir: &Path) -> Result<BuildRoot> {
+    let path = recipe.path(cache_dir);
+    let arch = recipe.target;
     let root = BuildRoot {
         path: path.clone(),
         arch,
     };
     if path.join(READY_MARKER).exists() {
-        eprintln!("build root {}: cached at {}", spec.suite, path.display());
+        eprintln!("build root {} ({arch}): cached at {}", recipe.suite, path.display());
         return Ok(root);
     }
 
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP])?;
     let mirror = mirrors
-        .uri_for(&spec.suite)
-        .with_context(|| format!("no Debian mirror known for {}; pass --debian-mirror", spec.suite))?;
+        .uri_for(&recipe.suite)
+        .with_context(|| format!("no Debian mirror known for {}; pass --debian-mirror", recipe.suite))?;
     let partial = crate::process::partial_path(&path);
     if partial.exists() {
         fs::remove_dir_all(&partial)
@@ -60,14 +130,14 @@ pub fn ensure(spec: &BuildRootSpec, arch: Arch, mirrors: &Mirrors, cache_dir: &P
     let started = Instant::now();
     eprintln!(
         "build root {} ({arch}): creating from {mirror}, log in {}",
-        spec.suite,
+        recipe.suite,
         log.display()
     );
     let mut debootstrap = Command::new("debootstrap");
     debootstrap
         .arg("--variant=minbase")
-        .arg(format!("--arch={}", arch.debian_name()))
-        .arg(&spec.suite)
+        .arg(format!("--arch={}", recipe.host.debian_name()))
+        .arg(&recipe.suite)
         .arg(&partial)
         .arg(&mirror);
     process::run_logged(debootstrap, &log)?;
@@ -76,49 +146,44 @@ pub fn ensure(spec: &BuildRootSpec, arch: Arch, mirrors: &Mirrors, cache_dir: &P
         path: partial.clone(),
         arch,
     };
+    if recipe.is_cross() {
+        let add_architecture = partial_root
+            .command("dpkg")
+            .arg("--add-architecture")
+            .arg(recipe.target.debian_name());
+        add_architecture.run_logged(&log)?;
+    }
     let update = partial_root
         .command("apt-get")
         .network(true)
         .args(["update", "--quiet"]);
-    process::run_logged(update.build(), &log)?;
+    update.run_logged(&log)?;
     let install = partial_root
         .command("apt-get")
         .network(true)
         .args(["install", "--yes", "--quiet", "--no-install-recommends"])
-        .args(spec.packages.iter().map(String::as_str));
+        .args(recipe.packages.iter().map(String::as_str));
     install.run_logged(&log)?;
     partial_root.command("apt-get").arg("clean").run_logged(&log)?;
 
-    fs::write(partial.join(READY_MARKER), serde_json::to_string_pretty(spec)?)?;
+    fs::write(partial.join(READY_MARKER), serde_json::to_string_pretty(recipe)?)?;
     fs::rename(&partial, &path)
         .with_context(|| format!("failed to move {} to {}", partial.display(), path.display()))?;
     eprintln!(
         "build root {} ({arch}): ready in {:.0} s",
-        spec.suite,
+        recipe.suite,
         started.elapsed().as_secs_f64()
     );
     Ok(root)
 }
 
-/// Returns the finished build root for `spec` and `arch`, if the cache has one.
-pub fn find(spec: &BuildRootSpec, arch: Arch, cache_dir: &Path) -> Option<BuildRoot> {
-    let path = root_path(spec, arch, cache_dir);
-    path.join(READY_MARKER).exists().then_some(BuildRoot { path, arch })
-}
-
-/// Returns where the root for `spec` lives: a new package list gives a new root.
-fn root_path(spec: &BuildRootSpec, arch: Arch, cache_dir: &Path) -> PathBuf {
-    let mut hasher = Sha256::new();
-    hasher.update(spec.suite.as_bytes());
-    for package in &spec.packages {
-        hasher.update(b"\0");
-        hasher.update(package.as_bytes());
-    }
-    let digest = hasher.finalize();
-    let key: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
-    cache_dir
-        .join("roots")
-        .join(format!("{}-{}-{key}", spec.suite, arch.debian_name()))
+/// Returns the finished build root of `recipe`, if the cache has one.
+pub fn find(recipe: &RootRecipe, cache_dir: &Path) -> Option<BuildRoot> {
+    let path = recipe.path(cache_dir);
+    path.join(READY_MARKER).exists().then_some(BuildRoot {
+        path,
+        arch: recipe.target,
+    })
 }
 
 impl BuildRoot {
@@ -223,26 +288,57 @@ impl RootCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matrix::Definitions;
 
-    fn spec(packages: &[&str]) -> BuildRootSpec {
-        BuildRootSpec {
-            suite: "bullseye".into(),
-            packages: packages.iter().map(|name| name.to_string()).collect(),
-        }
+    fn definitions() -> Definitions {
+        Definitions::load(&crate::project_root().join("layers")).unwrap()
+    }
+
+    #[test]
+    fn native_recipe_installs_plain_packages() {
+        let definitions = definitions();
+        let recipe = RootRecipe::new(&definitions.build_root, definitions.target(Arch::X86_64), Arch::X86_64).unwrap();
+        assert!(recipe.packages.contains(&"libonig-dev".to_string()));
+        assert!(!recipe.packages.iter().any(|package| package.contains(':')));
+        assert!(!recipe.is_cross());
+    }
+
+    #[test]
+    fn cross_recipe_installs_target_libraries() {
+        let definitions = definitions();
+        let recipe = RootRecipe::new(&definitions.build_root, definitions.target(Arch::Arm64), Arch::X86_64).unwrap();
+        assert!(recipe.packages.contains(&"libonig-dev:arm64".to_string()));
+        assert!(recipe.packages.contains(&"crossbuild-essential-arm64".to_string()));
+        assert!(recipe.packages.contains(&"bison".to_string()));
+        assert!(recipe.is_cross());
+    }
+
+    #[test]
+    fn cross_without_section_is_rejected() {
+        let mut definitions = definitions();
+        definitions.targets.get_mut(&Arch::X86_64).unwrap().cross = None;
+        let target = definitions.target(Arch::X86_64);
+        let error = RootRecipe::new(&definitions.build_root, target, Arch::Arm64)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no [cross] section"), "{error}");
     }
 
     #[test]
     fn root_path_changes_with_packages() {
+        let definitions = definitions();
         let cache = Path::new("/cache");
-        let one = root_path(&spec(&["gcc"]), Arch::X86_64, cache);
-        let two = root_path(&spec(&["gcc", "make"]), Arch::X86_64, cache);
+        let mut recipe =
+            RootRecipe::new(&definitions.build_root, definitions.target(Arch::X86_64), Arch::X86_64).unwrap();
+        let one = recipe.path(cache);
+        recipe.packages.push("make".into());
+        let two = recipe.path(cache);
         assert_ne!(one, two);
         assert!(
             one.to_string_lossy().starts_with("/cache/roots/bullseye-amd64-"),
             "{}",
             one.display()
         );
-        assert_eq!(one, root_path(&spec(&["gcc"]), Arch::X86_64, cache));
     }
 
     #[test]

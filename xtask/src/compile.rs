@@ -3,18 +3,23 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::build_root::BuildRoot;
 use crate::host;
-use crate::matrix::{Definitions, PhpRelease};
+use crate::matrix::{CrossSpec, Definitions, PhpRelease, Target};
+use crate::php_config;
 use crate::process;
 
 /// PHP's install prefix, as configure.toml sets it.
 pub const PREFIX: &str = "/opt/bref";
+
+/// Version of the compile steps in this file: changing it invalidates
+/// every cached build. Raise it when a change alters the compiled files.
+const RECIPE_VERSION: &str = "2";
 
 /// Marker file of a finished build.
 const READY_MARKER: &str = ".php-lambda-layers-ready";
@@ -59,6 +64,23 @@ impl PhpBuild {
     }
 }
 
+/// How PHP is compiled for a target.
+pub struct Toolchain<'a> {
+    pub target: &'a Target,
+    /// Set when cross-compiling.
+    pub cross: Option<Cross<'a>>,
+}
+
+/// What a cross compile needs besides the target.
+pub struct Cross<'a> {
+    pub spec: &'a CrossSpec,
+    /// GNU triplet of the build machine, for configure's --build.
+    pub build_triplet: &'a str,
+    /// The php_config.h of the native build of the same source, which the
+    /// cross build's header must match.
+    pub native_header: PathBuf,
+}
+
 /// Returns the build of `release` for the root's architecture, compiling it
 /// when the cache contains no finished build with the same inputs.
 pub fn compile(
@@ -66,11 +88,12 @@ pub fn compile(
     release: &PhpRelease,
     tarball: &Path,
     root: &BuildRoot,
+    toolchain: &Toolchain,
     cache_dir: &Path,
     jobs: usize,
 ) -> Result<PhpBuild> {
-    let configure_args = configure_args(definitions);
-    let key = build_key(release, root, &configure_args, definitions);
+    let configure_args = configure_args(definitions, toolchain);
+    let key = build_key(release, root, &configure_args, definitions, toolchain);
     let name = format!("php-{}-{}-{key}", release.version, root.arch);
     let dir = root.path.join(BUILDS_DIR_INSIDE).join(&name);
     let build = PhpBuild { dir: dir.clone() };
@@ -79,28 +102,49 @@ pub fn compile(
         return Ok(build);
     }
 
+    let log = cache_dir.join("logs").join(format!("compile-{name}.log"));
+    compile_into(definitions, release, tarball, root, toolchain, &dir, &log, jobs)?;
+    Ok(build)
+}
+
+/// Wall times of the steps of one compile.
+#[derive(Debug, Clone, Copy)]
+pub struct CompileTimings {
+    pub configure: Duration,
+    pub make: Duration,
+}
+
+/// Compiles `release` into the build directory `dir` inside the root,
+/// through `dir.partial`, replacing whatever `dir` held.
+#[allow(clippy::too_many_arguments)]
+pub fn compile_into(
+    definitions: &Definitions,
+    release: &PhpRelease,
+    tarball: &Path,
+    root: &BuildRoot,
+    toolchain: &Toolchain,
+    dir: &Path,
+    log: &Path,
+    jobs: usize,
+) -> Result<CompileTimings> {
     host::ensure(&[host::XZ])?;
-    let partial = crate::process::partial_path(&dir);
-    if partial.exists() {
-        fs::remove_dir_all(&partial)
-            .with_context(|| format!("failed to remove the unfinished build {}", partial.display()))?;
+    let partial = crate::process::partial_path(dir);
+    for stale in [&partial, dir] {
+        if stale.exists() {
+            fs::remove_dir_all(stale).with_context(|| format!("failed to remove {}", stale.display()))?;
+        }
     }
     fs::create_dir_all(&partial)?;
-    let log = cache_dir.join("logs").join(format!("compile-{name}.log"));
     if log.exists() {
-        fs::remove_file(&log)?;
+        fs::remove_file(log)?;
     }
-    eprintln!(
-        "compile php-{} ({}): started, log in {}",
-        release.version,
-        root.arch,
-        log.display()
-    );
+    let label = format!("compile php-{} ({})", release.version, root.arch);
+    eprintln!("{label}: started, log in {}", log.display());
     let started = Instant::now();
 
     let mut extract = Command::new("tar");
     extract.arg("-xf").arg(tarball).arg("-C").arg(&partial);
-    process::run_logged(extract, &log)?;
+    process::run_logged(extract, log)?;
     let source_name = format!("php-{}", release.version);
     let source_dir = partial.join(&source_name);
     if !source_dir.is_dir() {
@@ -109,62 +153,130 @@ pub fn compile(
     let source_date_epoch = newest_mtime(&source_dir)?.to_string();
     let work_inside = inside_path(root, &partial);
     let source_inside = format!("{work_inside}/{source_name}");
+    // Paths of the source tree in the binaries (__FILE__, debug info) do
+    // not depend on where the build ran, so rebuilds give the same bytes.
+    let cflags = format!(
+        "{} -ffile-prefix-map={source_inside}=/usr/src/{source_name}",
+        definitions.configure.cflags
+    );
 
     let in_root = |program: &str| {
-        root.command(program)
+        let mut command = root
+            .command(program)
             .cwd(&source_inside)
             .env("SOURCE_DATE_EPOCH", source_date_epoch.as_str())
-            .env("CFLAGS", definitions.configure.cflags.as_str())
-            .env("CXXFLAGS", definitions.configure.cflags.as_str())
+            .env("CFLAGS", cflags.as_str())
+            .env("CXXFLAGS", cflags.as_str())
             .env("LDFLAGS", definitions.configure.ldflags.as_str())
             // configure records `uname -a` in the binary; keep the host's
             // name and kernel out of it.
-            .env("PHP_UNAME", "Linux")
+            .env("PHP_UNAME", "Linux");
+        if toolchain.cross.is_some() {
+            let triplet = &toolchain.target.gnu_triplet;
+            command = command
+                .env("CC", format!("{triplet}-gcc"))
+                .env("CXX", format!("{triplet}-g++"))
+                .env("PKG_CONFIG", format!("{triplet}-pkg-config"));
+        }
+        command
     };
 
+    let configure_args = configure_args(definitions, toolchain);
+    let configure_started = Instant::now();
     let configure = in_root("./configure").args(configure_args.iter().map(String::as_str));
-    configure.run_logged(&log)?;
-    eprintln!(
-        "compile php-{} ({}): configured, running make",
-        release.version, root.arch
-    );
+    configure.run_logged(log)?;
+    if let Some(cross) = &toolchain.cross {
+        correct_and_check_header(&source_dir.join("main/php_config.h"), cross)?;
+    }
+    let configure_time = configure_started.elapsed();
+    eprintln!("{label}: configured, running make");
 
+    let make_started = Instant::now();
     let make = in_root("make").arg(format!("-j{jobs}"));
-    make.run_logged(&log)?;
+    make.run_logged(log)?;
+    let make_time = make_started.elapsed();
     let install = in_root("make")
         .arg("install")
         .arg(format!("INSTALL_ROOT={work_inside}/stage"));
-    install.run_logged(&log)?;
+    install.run_logged(log)?;
 
     let staged = PhpBuild { dir: partial.clone() };
-    strip(definitions, &staged, root, &log)?;
+    strip(definitions, &staged, root, toolchain, log)?;
     fs::copy(source_dir.join("main/php_config.h"), staged.php_config_h())?;
     fs::remove_dir_all(&source_dir).with_context(|| format!("failed to remove {}", source_dir.display()))?;
 
     fs::write(partial.join(READY_MARKER), configure_args.join("\n"))?;
-    fs::rename(&partial, &dir).with_context(|| format!("failed to move {} to {}", partial.display(), dir.display()))?;
-    eprintln!(
-        "compile php-{} ({}): finished in {:.0} s",
-        release.version,
-        root.arch,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(build)
+    fs::rename(&partial, dir).with_context(|| format!("failed to move {} to {}", partial.display(), dir.display()))?;
+    eprintln!("{label}: finished in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(CompileTimings {
+        configure: configure_time,
+        make: make_time,
+    })
 }
 
-/// Returns the configure arguments: the common flags, then one switch per extension.
-pub fn configure_args(definitions: &Definitions) -> Vec<String> {
-    let common = definitions.configure.flags.iter().cloned();
-    let extensions = definitions
-        .extensions
-        .extensions
-        .iter()
-        .map(|extension| extension.configure.clone());
-    common.chain(extensions).collect()
+/// Sets the macros a cross configure cannot find out, then fails unless
+/// the header matches the native build's, apart from the macros reviewed
+/// as architecture-specific.
+fn correct_and_check_header(header_path: &Path, cross: &Cross) -> Result<()> {
+    let header =
+        fs::read_to_string(header_path).with_context(|| format!("failed to read {}", header_path.display()))?;
+    let corrected = php_config::apply_corrections(&header, &cross.spec.php_config_h)?;
+    fs::write(header_path, &corrected)?;
+
+    let native = fs::read_to_string(&cross.native_header)
+        .with_context(|| format!("failed to read the native build's {}", cross.native_header.display()))?;
+    let differences = php_config::compare(
+        &php_config::parse(&native),
+        &php_config::parse(&corrected),
+        &cross.spec.architecture_specific_macros.names,
+    );
+    if !differences.is_empty() {
+        let lines: Vec<String> = differences.iter().map(|difference| format!("  {difference}")).collect();
+        bail!(
+            "the cross configure's php_config.h differs from the native one ({}):\n{}\n\
+             give configure the answer as a cache variable ([cross.configure_cache]), correct the macro \
+             ([cross.php_config_h]) or, if it really depends on the CPU, add it to \
+             [cross.architecture_specific_macros] in the target file",
+            cross.native_header.display(),
+            lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Returns the configure arguments: the common flags, one switch per
+/// extension, and for a cross build the triplets and cache variables.
+pub fn configure_args(definitions: &Definitions, toolchain: &Toolchain) -> Vec<String> {
+    let mut args: Vec<String> = definitions.configure.flags.clone();
+    args.extend(
+        definitions
+            .extensions
+            .extensions
+            .iter()
+            .map(|extension| extension.configure.clone()),
+    );
+    if let Some(cross) = &toolchain.cross {
+        args.push(format!("--host={}", toolchain.target.gnu_triplet));
+        args.push(format!("--build={}", cross.build_triplet));
+        args.extend(
+            cross
+                .spec
+                .configure_cache
+                .iter()
+                .map(|(name, value)| format!("{name}={value}")),
+        );
+    }
+    args
 }
 
 /// Strips the binaries and shared extensions with the build root's strip.
-fn strip(definitions: &Definitions, build: &PhpBuild, root: &BuildRoot, log: &Path) -> Result<()> {
+fn strip(
+    definitions: &Definitions,
+    build: &PhpBuild,
+    root: &BuildRoot,
+    toolchain: &Toolchain,
+    log: &Path,
+) -> Result<()> {
     let mut binaries: Vec<String> = Vec::new();
     for kind in &definitions.kinds {
         binaries.extend(kind.binaries.iter().cloned());
@@ -193,8 +305,12 @@ fn strip(definitions: &Definitions, build: &PhpBuild, root: &BuildRoot, log: &Pa
         paths.push(format!("{}/{file}", inside_path(root, &extension_dir)));
     }
 
+    let program = match toolchain.cross {
+        Some(_) => format!("{}-strip", toolchain.target.gnu_triplet),
+        None => "strip".to_string(),
+    };
     let command = root
-        .command("strip")
+        .command(&program)
         .arg("--strip-unneeded")
         .args(paths.iter().map(String::as_str));
     command.run_logged(log)
@@ -210,8 +326,20 @@ fn inside_path(root: &BuildRoot, path: &Path) -> String {
 }
 
 /// Returns a key that changes whenever an input of the compile changes.
-fn build_key(release: &PhpRelease, root: &BuildRoot, configure_args: &[String], definitions: &Definitions) -> String {
+fn build_key(
+    release: &PhpRelease,
+    root: &BuildRoot,
+    configure_args: &[String],
+    definitions: &Definitions,
+    toolchain: &Toolchain,
+) -> String {
     let mut hasher = Sha256::new();
+    hasher.update(RECIPE_VERSION.as_bytes());
+    if let Some(cross) = &toolchain.cross {
+        for (name, value) in &cross.spec.php_config_h {
+            hasher.update(format!("{name}={value}\0").as_bytes());
+        }
+    }
     let root_name = root.path.file_name().unwrap_or_default().to_string_lossy();
     let inputs = [
         release.sha256.as_str(),

@@ -26,6 +26,9 @@ pub enum Task {
     /// Build the layers (unless --no-build), then run the workspace tests and
     /// the acceptance tests of every built layer.
     Test(TestArgs),
+    /// Compile PHP for x86_64 and arm64 side by side and write the measured
+    /// times and the layer sizes to BENCHMARKS.md (takes about 15 minutes).
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -35,8 +38,8 @@ pub struct BuildLayersArgs {
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Vec<PhpMinor>,
 
-    /// CPU architecture to build for (arm64 is not supported yet). Repeat
-    /// the flag for several. [default: every supported architecture]
+    /// CPU architecture to build for. Repeat the flag for several.
+    /// [default: x86_64 and arm64]
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub arch: Vec<Arch>,
 
@@ -76,6 +79,29 @@ pub struct TestArgs {
     pub build: BuildLayersArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// PHP version to compile, as major.minor. [default: the newest under layers/php/]
+    #[arg(long = "php", value_name = "VERSION")]
+    pub php: Option<PhpMinor>,
+
+    /// Directory of the built layers whose sizes are reported. [default: dist/]
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+
+    /// Build cache with the build roots and the source. [default: cache/]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Debian mirror URL. [default: the mirror of the host's apt configuration]
+    #[arg(long, value_name = "URL")]
+    pub debian_mirror: Option<String>,
+
+    /// Parallel jobs for `make`. [default: the number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
 /// A target CPU architecture, named as Lambda names it.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Arch {
@@ -91,7 +117,7 @@ impl Arch {
     pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Arm64];
 
     /// Architectures the build supports today.
-    pub const SUPPORTED: &'static [Arch] = &[Arch::X86_64];
+    pub const SUPPORTED: &'static [Arch] = &[Arch::X86_64, Arch::Arm64];
 
     /// Lambda's name of the architecture (`x86_64`, `arm64`).
     pub fn lambda_name(self) -> &'static str {

@@ -35,6 +35,12 @@ pub const XZ: Tool = Tool {
     purpose: "unpacks the PHP source tarball",
 };
 
+pub const QEMU_AARCH64: Tool = Tool {
+    program: "qemu-aarch64-static",
+    package: "qemu-user-static",
+    purpose: "runs the arm64 layers in the acceptance tests",
+};
+
 pub const APT_GET: Tool = Tool {
     program: "apt-get",
     package: "apt",

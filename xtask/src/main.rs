@@ -4,6 +4,7 @@
 //! module with one public `run` entry.
 
 mod archive;
+mod bench;
 mod build_layers;
 mod build_root;
 mod closure;
@@ -13,6 +14,7 @@ mod host;
 mod layer;
 mod matrix;
 mod mirror;
+mod php_config;
 mod process;
 mod sources;
 mod test;
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let result = match flags.task {
         flags::Task::BuildLayers(args) => build_layers::run(&args).map(|_| ()),
         flags::Task::Test(args) => test::run(&args),
+        flags::Task::Bench(args) => bench::run(&args),
     };
 
     let Err(error) = result else {

@@ -160,7 +160,10 @@ pub struct ConfigureFlags {
 pub struct BuildRootSpec {
     /// Debian suite (release code name).
     pub suite: String,
-    pub packages: Vec<String>,
+    /// Packages of the build machine's architecture.
+    pub tools: Vec<String>,
+    /// Packages of the target's architecture.
+    pub libraries: Vec<String>,
 }
 
 /// One `[[kind]]` of `layers/kinds.toml`.
@@ -228,6 +231,11 @@ pub struct Target {
     pub lambda_architecture: String,
     /// Prefix of the layer names for this architecture (`arm-`).
     pub layer_prefix: String,
+    /// GNU triplet of the target (`aarch64-linux-gnu`), the prefix of its
+    /// cross tools.
+    pub gnu_triplet: String,
+    /// Path of the dynamic loader, the executables' PT_INTERP.
+    pub loader: String,
     #[serde(deserialize_with = "deserialize_from_str")]
     pub glibc_max: GlibcVersion,
     pub glibc_sonames: BTreeSet<String>,
@@ -239,6 +247,28 @@ pub struct Target {
     /// File names in /lib64 of the base image.
     #[serde(skip)]
     pub base_libs: BTreeSet<String>,
+    /// How to cross-compile for this target from another architecture.
+    pub cross: Option<CrossSpec>,
+}
+
+/// The `[cross]` section of a target: what cross-compiling for it needs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossSpec {
+    /// Packages of the build machine that compile for the target.
+    pub packages: Vec<String>,
+    /// Autoconf cache variables passed to configure (`ac_cv_pread=yes`).
+    pub configure_cache: BTreeMap<String, String>,
+    /// Macros set in main/php_config.h after configure.
+    pub php_config_h: BTreeMap<String, String>,
+    /// Macros that may differ from the native build's php_config.h.
+    pub architecture_specific_macros: MacroNames,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MacroNames {
+    pub names: BTreeSet<String>,
 }
 
 fn deserialize_from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
@@ -264,9 +294,23 @@ impl Target {
                 Arch::Arm64 => ElfMachine::Aarch64,
             },
             glibc_max: self.glibc_max,
-            system_sonames: self.glibc_sonames.clone(),
+            system_sonames: self.system_sonames(),
             search_dirs: self.search_dirs.clone(),
         }
+    }
+
+    /// Returns the sonames the platform provides: glibc's and the loader's.
+    pub fn system_sonames(&self) -> BTreeSet<String> {
+        let mut sonames = self.glibc_sonames.clone();
+        let loader = self.loader.rsplit('/').next().unwrap_or(&self.loader);
+        sonames.insert(loader.to_string());
+        sonames
+    }
+
+    /// Whether building for this target on a machine of `host` architecture
+    /// means cross-compiling.
+    pub fn is_cross(&self, host: Arch) -> bool {
+        self.arch != host
     }
 
     /// Returns the layer name of `kind` for `php` on this target (`arm-php-82-fpm`).

@@ -5,10 +5,10 @@ use anyhow::{bail, Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::build_layers;
-use crate::build_root;
+use crate::build_root::{self, RootRecipe};
 use crate::flags::{Arch, TestArgs};
 use crate::matrix::Definitions;
-use crate::project_root;
+use crate::{host, project_root};
 
 /// Environment variable that points the acceptance tests at the zips.
 pub const DIST_DIR_VAR: &str = "LAYERS_DIST_DIR";
@@ -30,13 +30,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let dist = args.build.out_dir.clone().unwrap_or_else(|| project.join("dist"));
     let cache = args.build.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
     let definitions = Definitions::load(&project.join("layers"))?;
-    let manifest = dist.join(build_layers::MANIFEST_NAME);
-    if !manifest.is_file() {
+    let manifest_path = dist.join(build_layers::MANIFEST_NAME);
+    if !manifest_path.is_file() {
         bail!(
             "no {} in {}: build the layers first, or run `cargo xtask test` without --no-build",
             build_layers::MANIFEST_NAME,
             dist.display()
         );
+    }
+    let manifest: build_layers::Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)
+        .with_context(|| format!("invalid {}", manifest_path.display()))?;
+    let host = build_root::host_arch()?;
+    if manifest.layers.iter().any(|layer| layer.architecture == Arch::Arm64) && host != Arch::Arm64 {
+        host::ensure(&[host::QEMU_AARCH64])?;
     }
 
     let sh = Shell::new()?;
@@ -45,7 +51,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         .env(DIST_DIR_VAR, std::path::absolute(&dist)?)
         .env(CACHE_DIR_VAR, std::path::absolute(&cache)?);
     for arch in Arch::ALL {
-        if let Some(root) = build_root::find(&definitions.build_root, *arch, &cache) {
+        let recipe = RootRecipe::new(&definitions.build_root, definitions.target(*arch), host)?;
+        if let Some(root) = build_root::find(&recipe, &cache) {
             let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", arch.lambda_name().to_uppercase());
             command = command.env(variable, std::path::absolute(&root.path)?);
         }

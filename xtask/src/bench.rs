@@ -1,0 +1,228 @@
+//! `cargo xtask bench`: measures the build and writes BENCHMARKS.md.
+//!
+//! The numbers are wall times of real work on this machine, so they vary
+//! from run to run and from machine to machine; the page records the
+//! machine with them.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::build_layers::{self, Manifest};
+use crate::build_root::{self, RootRecipe};
+use crate::compile::{self, CompileTimings, Cross, Toolchain};
+use crate::flags::{Arch, BenchArgs};
+use crate::matrix::Definitions;
+use crate::mirror::Mirrors;
+use crate::{project_root, sources};
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let project = project_root();
+    let definitions = Definitions::load(&project.join("layers"))?;
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
+    let out_dir = args.out_dir.clone().unwrap_or_else(|| project.join("dist"));
+    let mirrors = Mirrors::discover(args.debian_mirror.as_deref())?;
+    let host = build_root::host_arch()?;
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |count| count.get()));
+    let php = match args.php {
+        Some(php) => php,
+        None => *definitions.php.keys().next_back().context("no PHP release declared")?,
+    };
+    let release = definitions
+        .php
+        .get(&php)
+        .with_context(|| format!("PHP {php} is not declared under layers/php/"))?;
+    let tarball = sources::fetch(release, &mirrors, &cache_dir)?;
+
+    let mut timings = Vec::new();
+    let mut native_header = None;
+    for arch in [host, other_arch(host)] {
+        let target = definitions.target(arch);
+        let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
+        let root = build_root::ensure(&recipe, &mirrors, &cache_dir)?;
+        let cross = match (&target.cross, target.is_cross(host)) {
+            (Some(spec), true) => Some(Cross {
+                spec,
+                build_triplet: &definitions.target(host).gnu_triplet,
+                native_header: native_header.clone().context("the native build runs first")?,
+            }),
+            _ => None,
+        };
+        let toolchain = Toolchain { target, cross };
+
+        // A directory of its own, so that the build cache is neither used
+        // nor replaced.
+        let dir = root
+            .path
+            .join("build")
+            .join(format!("bench-php-{}-{arch}", release.version));
+        let log = cache_dir.join("logs").join(format!("bench-compile-{arch}.log"));
+        let result = compile::compile_into(&definitions, release, &tarball, &root, &toolchain, &dir, &log, jobs)
+            .with_context(|| format!("the benchmark compile for {arch} failed"))?;
+        if !target.is_cross(host) {
+            native_header = Some(compile::PhpBuild { dir: dir.clone() }.php_config_h());
+        }
+        timings.push((arch, result));
+    }
+
+    let manifest = read_manifest(&out_dir.join(build_layers::MANIFEST_NAME));
+    let page = render(&release.version, jobs, &timings, manifest.as_ref());
+    let path = project.join("BENCHMARKS.md");
+    fs::write(&path, page).with_context(|| format!("failed to write {}", path.display()))?;
+    eprintln!("bench: wrote {}", path.display());
+
+    for arch in [host, other_arch(host)] {
+        let target = definitions.target(arch);
+        let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
+        if let Some(root) = build_root::find(&recipe, &cache_dir) {
+            let dir = root
+                .path
+                .join("build")
+                .join(format!("bench-php-{}-{arch}", release.version));
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+    Ok(())
+}
+
+fn other_arch(arch: Arch) -> Arch {
+    match arch {
+        Arch::X86_64 => Arch::Arm64,
+        Arch::Arm64 => Arch::X86_64,
+    }
+}
+
+fn read_manifest(path: &Path) -> Option<Manifest> {
+    let text = fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.1}", duration.as_secs_f64())
+}
+
+/// Returns the text of BENCHMARKS.md.
+fn render(version: &str, jobs: usize, timings: &[(Arch, CompileTimings)], manifest: Option<&Manifest>) -> String {
+    let mut page = String::new();
+    let _ = writeln!(page, "# Benchmarks\n");
+    let _ = writeln!(
+        page,
+        "Written by `cargo xtask bench`. Wall times of one run, on the machine below;\n\
+         they vary by some percent from run to run.\n"
+    );
+    let _ = writeln!(page, "## Machine\n");
+    let _ = writeln!(page, "- CPU: {}", cpu_model());
+    let _ = writeln!(
+        page,
+        "- cores: {}",
+        std::thread::available_parallelism().map_or(1, |count| count.get())
+    );
+    let _ = writeln!(page, "- memory: {}", memory_total());
+    let _ = writeln!(page, "- `make -j{jobs}`\n");
+
+    let _ = writeln!(page, "## Compiling PHP {version}\n");
+    let _ = writeln!(
+        page,
+        "Both architectures compiled one after the other in the same run, from the\n\
+         same source and flags. arm64 is cross-compiled on the x86_64 machine, with\n\
+         no emulation.\n"
+    );
+    let _ = writeln!(
+        page,
+        "| architecture | configure (s) | make (s) | configure + make (s) |"
+    );
+    let _ = writeln!(page, "|---|---:|---:|---:|");
+    for (arch, timing) in timings {
+        let _ = writeln!(
+            page,
+            "| {arch} | {} | {} | {} |",
+            seconds(timing.configure),
+            seconds(timing.make),
+            seconds(timing.configure + timing.make)
+        );
+    }
+    if let [(_, native), (_, cross)] = timings {
+        let ratio = (cross.configure + cross.make).as_secs_f64() / (native.configure + native.make).as_secs_f64();
+        let _ = writeln!(
+            page,
+            "\narm64 / x86_64 (configure + make): **{ratio:.2}x** (target: at most 1.30x)"
+        );
+    }
+
+    if let Some(manifest) = manifest {
+        let _ = writeln!(page, "\n## Layer sizes\n");
+        let _ = writeln!(
+            page,
+            "| layer | architecture | zip (bytes) | unzipped (bytes) | bundled libraries |"
+        );
+        let _ = writeln!(page, "|---|---|---:|---:|---:|");
+        for layer in &manifest.layers {
+            let _ = writeln!(
+                page,
+                "| {} | {} | {} | {} | {} |",
+                layer.name,
+                layer.architecture,
+                layer.zip_bytes,
+                layer.unzipped_bytes,
+                layer.libraries.len()
+            );
+        }
+    }
+    page
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn memory_total() -> String {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_reports_ratio() {
+        let timings = [
+            (
+                Arch::X86_64,
+                CompileTimings {
+                    configure: Duration::from_secs(20),
+                    make: Duration::from_secs(300),
+                },
+            ),
+            (
+                Arch::Arm64,
+                CompileTimings {
+                    configure: Duration::from_secs(30),
+                    make: Duration::from_secs(370),
+                },
+            ),
+        ];
+        let page = render("8.2.32", 2, &timings, None);
+        assert!(page.contains("| x86_64 | 20.0 | 300.0 | 320.0 |"), "{page}");
+        assert!(page.contains("**1.25x**"), "{page}");
+    }
+}
