@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: measures the build and writes BENCHMARKS.md.
 //!
 //! The numbers are wall times of real work on this machine, so they vary
-//! from run to run and from machine to machine; the page records the
+//! from run to run and from machine to machine. The page records the
 //! machine with them.
 
 use std::fmt::Write as _;

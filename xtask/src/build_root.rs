@@ -26,8 +26,8 @@ pub struct BuildRoot {
     pub arch: Arch,
 }
 
-/// What a build root is made of: the Debian suite, the architecture of
-/// the machine that runs it, and the packages to install.
+/// Recipe of a build root: the Debian suite, the architecture of the
+/// machine that runs it, and the packages to install.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RootRecipe {
     pub suite: String,

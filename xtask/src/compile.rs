@@ -64,14 +64,14 @@ impl PhpBuild {
     }
 }
 
-/// How PHP is compiled for a target.
+/// Compiler setup for a target: native, or cross with its corrections.
 pub struct Toolchain<'a> {
     pub target: &'a Target,
     /// Set when cross-compiling.
     pub cross: Option<Cross<'a>>,
 }
 
-/// What a cross compile needs besides the target.
+/// Inputs of a cross compile besides the target.
 pub struct Cross<'a> {
     pub spec: &'a CrossSpec,
     /// GNU triplet of the build machine, for configure's --build.

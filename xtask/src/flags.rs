@@ -26,8 +26,9 @@ pub enum Task {
     /// Build the layers (unless --no-build), then run the workspace tests and
     /// the acceptance tests of every built layer.
     Test(TestArgs),
-    /// Compile PHP for x86_64 and arm64 side by side and write the measured
-    /// times and the layer sizes to BENCHMARKS.md (takes about 15 minutes).
+    /// Compile PHP for x86_64 and arm64, one after the other, and write the
+    /// measured times and the layer sizes to BENCHMARKS.md (about 15
+    /// minutes on 2 cores).
     Bench(BenchArgs),
 }
 
@@ -38,8 +39,9 @@ pub struct BuildLayersArgs {
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Vec<PhpMinor>,
 
-    /// CPU architecture to build for. Repeat the flag for several.
-    /// [default: x86_64 and arm64]
+    /// CPU architecture to build for. Repeat the flag for several. arm64
+    /// also compiles x86_64 PHP, whose configure results the arm64 build
+    /// is checked against. [default: x86_64 and arm64]
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub arch: Vec<Arch>,
 
@@ -71,7 +73,8 @@ pub struct BuildLayersArgs {
 #[derive(Args, Debug)]
 pub struct TestArgs {
     /// Test the zips already in the output directory (--out-dir) instead
-    /// of building them first.
+    /// of building them first. The acceptance tests cover every layer in
+    /// manifest.json, whatever --php, --arch and --layer select.
     #[arg(long)]
     pub no_build: bool,
 

@@ -1,5 +1,5 @@
 //! Checks of the `main/php_config.h` that configure writes: corrections for
-//! the answers a cross configure cannot find out, and the comparison of a
+//! the results a cross configure cannot find out, and the comparison of a
 //! cross-compiled build's header with the native one.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -121,7 +121,7 @@ mod tests {
 #define ICONV_BROKEN_IGNORE 1
 ";
 
-    /// What a plain cross configure of the same source writes for aarch64.
+    /// Header of a plain cross configure of the same source for aarch64.
     const CROSS: &str = "\
 /* Define to 1 if you have the `pread' function. */
 /* #undef HAVE_PREAD */
