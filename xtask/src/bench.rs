@@ -22,13 +22,11 @@ use crate::{project_root, sources};
 pub fn run(args: &BenchArgs) -> Result<()> {
     let project = project_root();
     let definitions = Definitions::load(&project.join("layers"))?;
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
-    let out_dir = args.out_dir.clone().unwrap_or_else(|| project.join("dist"));
-    let mirrors = Mirrors::discover(args.debian_mirror.as_deref())?;
+    let cache_dir = args.common.cache_dir(&project);
+    let out_dir = args.common.out_dir(&project);
+    let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |count| count.get()));
+    let jobs = args.common.jobs();
     let php = match args.php {
         Some(php) => php,
         None => *definitions.php.keys().next_back().context("no PHP release declared")?,
@@ -112,8 +110,8 @@ fn render(version: &str, jobs: usize, timings: &[(Arch, CompileTimings)], manife
     let _ = writeln!(page, "# Benchmarks\n");
     let _ = writeln!(
         page,
-        "Written by `cargo xtask bench`. Wall times of one run, on the machine below;\n\
-         they vary by some percent from run to run.\n"
+        "Written by `cargo xtask bench`: wall times of one run on the machine below.\n\
+         They vary from run to run, so compare figures of the same run.\n"
     );
     let _ = writeln!(page, "## Machine\n");
     let _ = writeln!(page, "- CPU: {}", cpu_model());

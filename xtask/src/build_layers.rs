@@ -126,7 +126,7 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     let definitions = Definitions::load(&project.join("layers"))?;
     let plan = plan(args, &definitions, &project)?;
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
-    let mirrors = Mirrors::discover(args.debian_mirror.as_deref())?;
+    let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;
 
     let mut built = Vec::new();
@@ -320,15 +320,8 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         args.layer.clone()
     };
 
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |count| count.get()));
-    if jobs == 0 {
-        bail!("--jobs must be at least 1");
-    }
-
-    let out_dir = absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist")));
-    let cache_dir = absolute(args.cache_dir.clone().unwrap_or_else(|| project.join("cache")));
+    let out_dir = args.common.out_dir(project);
+    let cache_dir = args.common.cache_dir(project);
     for dir in [&out_dir, &cache_dir] {
         fs::create_dir_all(dir).with_context(|| format!("failed to create the directory {}", dir.display()))?;
     }
@@ -339,7 +332,7 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         kinds: dedup(kinds),
         out_dir,
         cache_dir,
-        jobs,
+        jobs: args.common.jobs(),
     })
 }
 
@@ -347,10 +340,6 @@ fn dedup<T: Ord>(mut items: Vec<T>) -> Vec<T> {
     items.sort();
     items.dedup();
     items
-}
-
-fn absolute(path: PathBuf) -> PathBuf {
-    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// Checks the size limits and writes the zip.

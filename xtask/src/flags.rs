@@ -1,7 +1,7 @@
 //! Command-line flags of every task.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -49,7 +49,15 @@ pub struct BuildLayersArgs {
     #[arg(long = "layer", value_enum, value_name = "KIND")]
     pub layer: Vec<LayerKind>,
 
-    /// Directory that receives the zips and manifest.json.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Locations and settings shared by the tasks that build.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Directory of the zips and manifest.json: where build-layers writes
+    /// them and where test and bench read them.
     /// [default: dist/ in the workspace]
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
@@ -66,8 +74,8 @@ pub struct BuildLayersArgs {
     pub debian_mirror: Option<String>,
 
     /// Parallel jobs for `make`. [default: the number of CPUs]
-    #[arg(long, value_name = "N")]
-    pub jobs: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -88,21 +96,32 @@ pub struct BenchArgs {
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Option<PhpMinor>,
 
-    /// Directory of the built layers whose sizes are reported. [default: dist/]
-    #[arg(long, value_name = "DIR")]
-    pub out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
 
-    /// Build cache with the build roots and the source. [default: cache/]
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
+impl CommonArgs {
+    /// Returns the output directory, absolute.
+    pub fn out_dir(&self, project: &Path) -> PathBuf {
+        absolute(self.out_dir.clone().unwrap_or_else(|| project.join("dist")))
+    }
 
-    /// Debian mirror URL. [default: the mirror of the host's apt configuration]
-    #[arg(long, value_name = "URL")]
-    pub debian_mirror: Option<String>,
+    /// Returns the cache directory, absolute.
+    pub fn cache_dir(&self, project: &Path) -> PathBuf {
+        absolute(self.cache_dir.clone().unwrap_or_else(|| project.join("cache")))
+    }
 
-    /// Parallel jobs for `make`. [default: the number of CPUs]
-    #[arg(long, value_name = "N")]
-    pub jobs: Option<usize>,
+    /// Returns the number of `make` jobs.
+    pub fn jobs(&self) -> usize {
+        match self.jobs {
+            Some(jobs) => jobs as usize,
+            None => std::thread::available_parallelism().map_or(1, |count| count.get()),
+        }
+    }
+}
+
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// A target CPU architecture, named as Lambda names it.
@@ -227,6 +246,12 @@ mod tests {
         let error = "8.2.32".parse::<PhpMinor>().unwrap_err();
         assert!(error.contains("major.minor"), "{error}");
         assert!("eight".parse::<PhpMinor>().is_err());
+    }
+
+    #[test]
+    fn zero_jobs_are_rejected() {
+        let error = Xtask::try_parse_from(["cargo xtask", "build-layers", "--jobs", "0"]).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
     #[test]

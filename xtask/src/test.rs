@@ -27,8 +27,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         build_layers::run(&args.build)?;
     }
 
-    let dist = args.build.out_dir.clone().unwrap_or_else(|| project.join("dist"));
-    let cache = args.build.cache_dir.clone().unwrap_or_else(|| project.join("cache"));
+    let dist = args.build.common.out_dir(&project);
+    let cache = args.build.common.cache_dir(&project);
     let definitions = Definitions::load(&project.join("layers"))?;
     let manifest_path = dist.join(build_layers::MANIFEST_NAME);
     if !manifest_path.is_file() {
