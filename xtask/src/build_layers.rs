@@ -301,14 +301,11 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
     };
 
     let arches = if args.arch.is_empty() {
-        Arch::SUPPORTED.to_vec()
+        Arch::ALL.to_vec()
     } else {
         args.arch.clone()
     };
     for arch in &arches {
-        if !Arch::SUPPORTED.contains(arch) {
-            bail!("building for {arch} is not supported yet; supported architectures: x86_64");
-        }
         if !definitions.targets.contains_key(arch) {
             bail!("no target definition layers/targets/al2023-{arch}.toml");
         }

@@ -138,9 +138,6 @@ pub enum Arch {
 impl Arch {
     pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Arm64];
 
-    /// Architectures the build supports today.
-    pub const SUPPORTED: &'static [Arch] = &[Arch::X86_64, Arch::Arm64];
-
     /// Lambda's name of the architecture (`x86_64`, `arm64`).
     pub fn lambda_name(self) -> &'static str {
         match self {
