@@ -79,7 +79,7 @@ impl RootRecipe {
             hasher.update(package.as_bytes());
         }
         let digest = hasher.finalize();
-        let key: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
+        let key = crate::sources::hex(&digest[..6]);
         cache_dir
             .join("roots")
             .join(format!("{}-{}-{key}", self.suite, self.target.debian_name()))
@@ -247,8 +247,8 @@ impl RootCommand {
         let root_name = self.root.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let mut inside = Command::new(&self.program);
         inside.args(&self.args);
-        let shown = format!("[{root_name}] {}", process::display(&inside));
-        process::run_logged_as(self.build(), &shown, log)
+        let summary = format!("[{root_name}] {}", process::display(&inside));
+        process::run_logged_as(self.build(), &summary, log)
     }
 
     /// Returns the bwrap command line.

@@ -18,7 +18,7 @@ use crate::matrix::{Definitions, FileSource, Target};
 /// Directory of the bundled libraries inside the layer, relative to /opt.
 const LIB_DIR: &str = "lib";
 
-/// Where the bundled libraries are at run time.
+/// Directory of the bundled libraries at run time.
 const LAYER_LIB_DIR: &str = "/opt/lib";
 
 /// Directory of the shared extensions inside the layer, relative to /opt.

@@ -307,8 +307,8 @@ impl Target {
         sonames
     }
 
-    /// Whether building for this target on a machine of `host` architecture
-    /// means cross-compiling.
+    /// Returns whether building for this target on a machine of `host`
+    /// architecture means cross-compiling.
     pub fn is_cross(&self, host: Arch) -> bool {
         self.arch != host
     }

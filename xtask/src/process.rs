@@ -27,11 +27,11 @@ pub fn run_logged(command: impl Into<Command>, log: &Path) -> Result<()> {
     run_logged_as(command, &line, log)
 }
 
-/// Runs `command` like [`run_logged`], but prints `shown` instead of the
+/// Runs `command` like [`run_logged`], but prints `summary` instead of the
 /// whole command line, which still goes to the log.
-pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()> {
+pub fn run_logged_as(mut command: Command, summary: &str, log: &Path) -> Result<()> {
     let line = display(&command);
-    eprintln!("$ {shown}");
+    eprintln!("$ {summary}");
 
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -51,7 +51,7 @@ pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()
         .stderr(Stdio::from(stderr))
         .spawn()
         .with_context(|| format!("failed to start `{line}`"))?;
-    let status = wait_with_heartbeat(&mut child, shown, started)?;
+    let status = wait_with_heartbeat(&mut child, summary, started)?;
     let mut file = OpenOptions::new().append(true).open(log)?;
     writeln!(file, "# {status} after {:.1} s", started.elapsed().as_secs_f64())?;
 
@@ -67,7 +67,7 @@ pub fn run_logged_as(mut command: Command, shown: &str, log: &Path) -> Result<()
 
 /// Waits for `child`, printing a line with the elapsed time every
 /// [`HEARTBEAT`] so that a long compile does not look stuck.
-fn wait_with_heartbeat(child: &mut Child, shown: &str, started: Instant) -> Result<ExitStatus> {
+fn wait_with_heartbeat(child: &mut Child, summary: &str, started: Instant) -> Result<ExitStatus> {
     let mut next_heartbeat = HEARTBEAT;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -75,7 +75,7 @@ fn wait_with_heartbeat(child: &mut Child, shown: &str, started: Instant) -> Resu
         }
         let elapsed = started.elapsed();
         if elapsed >= next_heartbeat {
-            let program = shown.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+            let program = summary.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
             eprintln!("  ... {program} still running after {} s", elapsed.as_secs());
             next_heartbeat += HEARTBEAT;
         }

@@ -175,9 +175,9 @@ fn download_debian_source(debian: &DebianSource, mirrors: &Mirrors, cache_dir: &
             debian.file
         );
     }
-    let kept = tempfile::NamedTempFile::new_in(cache_dir.join("sources"))?.into_temp_path();
-    fs::rename(&file, &kept)?;
-    Ok(kept)
+    let destination = tempfile::NamedTempFile::new_in(cache_dir.join("sources"))?.into_temp_path();
+    fs::rename(&file, &destination)?;
+    Ok(destination)
 }
 
 fn deb_src_lines(debian: &DebianSource, mirrors: &Mirrors) -> Result<String> {

@@ -48,13 +48,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(&project);
     let mut command = cmd!(sh, "cargo test --workspace -- --include-ignored")
-        .env(DIST_DIR_VAR, std::path::absolute(&dist)?)
-        .env(CACHE_DIR_VAR, std::path::absolute(&cache)?);
+        .env(DIST_DIR_VAR, &dist)
+        .env(CACHE_DIR_VAR, &cache);
     for arch in Arch::ALL {
         let recipe = RootRecipe::new(&definitions.build_root, definitions.target(*arch), host)?;
         if let Some(root) = build_root::find(&recipe, &cache) {
             let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", arch.lambda_name().to_uppercase());
-            command = command.env(variable, std::path::absolute(&root.path)?);
+            command = command.env(variable, &root.path);
         }
     }
     command.run().context("the tests failed")?;
