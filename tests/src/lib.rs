@@ -10,6 +10,7 @@
 
 pub mod fastcgi;
 pub mod manifest;
+pub mod runtime_api;
 pub mod sandbox;
 
 pub use manifest::{Layer, Manifest};

@@ -2,9 +2,13 @@
 
 use std::env;
 use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
@@ -20,9 +24,36 @@ pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
 /// cancellation), where the real base image has a working copy.
 const NO_DECOY: &[&str] = &["libgcc_s.so.1"];
 
-/// qemu-user, which runs the programs of a foreign architecture without
-/// binfmt_misc: the sandbox starts it explicitly.
+/// Prefix of the environment variables naming the shell that replaces
+/// the base image's `/bin/sh` (`LAYERS_TEST_SHELL_ARM64`); `cargo xtask
+/// test` sets them.
+pub const TEST_SHELL_VAR_PREFIX: &str = "LAYERS_TEST_SHELL_";
+
+/// qemu-user, which runs the programs of a foreign architecture.
 const QEMU_AARCH64: &str = "/usr/bin/qemu-aarch64-static";
+
+/// binfmt_misc entry for aarch64 ELF executables. The `F` flag opens qemu
+/// when the entry is registered, so it works inside roots that lack it.
+/// The kernel decodes the `\x` escapes itself.
+const BINFMT_AARCH64: &str = concat!(
+    r":qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
+    r":\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+    ":/usr/bin/qemu-aarch64-static:F"
+);
+
+/// Mounts a binfmt_misc instance of its own in a new user namespace,
+/// registers qemu there, then runs its arguments. Since Linux 6.7 each user
+/// namespace can have its own binfmt_misc, so the host's stays untouched,
+/// and the namespaces bwrap creates below this one inherit the entry.
+const WITH_BINFMT_SCRIPT: &str = r#"
+mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || {
+    echo "cannot mount binfmt_misc in a user namespace (this needs Linux 6.7 or later)" >&2
+    exit 125
+}
+printf '%s' "$BINFMT_ENTRY" > /proc/sys/fs/binfmt_misc/register || exit 125
+unset BINFMT_ENTRY
+exec "$@"
+"#;
 
 /// The user Lambda runs functions as is not root; php-fpm refuses root.
 const SANDBOX_UID: &str = "993";
@@ -46,6 +77,30 @@ pub struct LayerRoot {
     /// Set when the layer is for another architecture than this machine's:
     /// the qemu-user binary that runs its programs.
     emulator: Option<PathBuf>,
+}
+
+/// How a command runs in a root, beyond the defaults of [`LayerRoot::command`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Shares the host's network namespace, so the command reaches servers
+    /// the test starts on 127.0.0.1. Off by default.
+    pub share_network: bool,
+    /// Environment variables added to Lambda's.
+    pub env: Vec<(String, String)>,
+}
+
+impl Options {
+    pub fn network() -> Options {
+        Options {
+            share_network: true,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Options {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
 }
 
 /// Exit status and output of a command run in a root.
@@ -90,9 +145,12 @@ impl LayerRoot {
         install_glibc(&build_root, &root, layer)?;
         let decoys = install_decoys(layer, &build_root, &root.join("lib64"), dir.path())?;
         let emulator = emulator(&layer.architecture)?;
-        for mount_point in ["opt", "tmp", "var/task", "proc", "dev", "etc"] {
+        for mount_point in ["opt", "tmp", "var/task", "proc", "dev", "etc", "bin"] {
             fs::create_dir_all(root.join(mount_point))?;
         }
+        let shell = test_shell(&layer.architecture)?;
+        fs::copy(&shell, root.join("bin/sh"))
+            .with_context(|| format!("cannot copy {} into the test root", shell.display()))?;
 
         Ok(LayerRoot {
             _dir: dir,
@@ -110,7 +168,34 @@ impl LayerRoot {
     /// would: no network, a non-root user, Lambda's library path and task
     /// root, and nothing of the host's environment.
     pub fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("bwrap");
+        self.command_with(program, args, &Options::default())
+    }
+
+    /// Like [`LayerRoot::command`], with network access or more variables.
+    ///
+    /// Programs of another architecture run under qemu-user through a
+    /// binfmt_misc entry registered in a user namespace of their own, so
+    /// that they can start other programs, as /opt/bootstrap does.
+    pub fn command_with(&self, program: &str, args: &[&str], options: &Options) -> Command {
+        let mut command = if self.emulator.is_some() {
+            let mut command = Command::new("unshare");
+            command
+                .args([
+                    "--user",
+                    "--map-root-user",
+                    "--mount",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    WITH_BINFMT_SCRIPT,
+                ])
+                .arg("with-binfmt")
+                .env("BINFMT_ENTRY", BINFMT_AARCH64)
+                .arg("bwrap");
+            command
+        } else {
+            Command::new("bwrap")
+        };
         command
             .arg("--bind")
             .arg(&self.root)
@@ -132,7 +217,11 @@ impl LayerRoot {
                 SANDBOX_UID,
                 "--gid",
                 SANDBOX_GID,
-            ])
+            ]);
+        if options.share_network {
+            command.arg("--share-net");
+        }
+        command
             .args(["--die-with-parent", "--clearenv"])
             .arg("--setenv")
             .arg("LD_LIBRARY_PATH")
@@ -141,13 +230,10 @@ impl LayerRoot {
             .args(["--setenv", "LAMBDA_TASK_ROOT", "/var/task"])
             .args(["--setenv", "HOME", "/tmp"])
             .args(["--setenv", "OPENSSL_CONF", "/opt/bref/ssl/openssl.cnf"]);
-        if let Some(emulator) = &self.emulator {
-            command.arg("--ro-bind").arg(emulator).arg(QEMU_AARCH64);
-            command.args(["--", QEMU_AARCH64]);
-        } else {
-            command.arg("--");
+        for (key, value) in &options.env {
+            command.arg("--setenv").arg(key).arg(value);
         }
-        command.arg(program).args(args);
+        command.arg("--").arg(program).args(args);
         command
     }
 
@@ -188,18 +274,33 @@ impl LayerRoot {
     }
 }
 
+/// The stand-in for the base image's `/bin/sh`: Debian's dash for the
+/// layer's architecture, which `cargo xtask test` downloads.
+fn test_shell(architecture: &str) -> Result<PathBuf> {
+    path_from_env(TEST_SHELL_VAR_PREFIX, architecture, "the /bin/sh of the test roots")
+}
+
+/// The build root whose glibc the test roots use.
 fn build_root(architecture: &str) -> Result<PathBuf> {
-    let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", architecture.to_uppercase());
-    let path = env::var_os(&variable).map(PathBuf::from).with_context(|| {
-        format!("{variable} is not set: it names the build root whose glibc the test roots use; run `cargo xtask test`")
-    })?;
-    if !path.is_dir() {
-        bail!("{variable}={} is not a directory", path.display());
+    path_from_env(
+        BUILD_ROOT_VAR_PREFIX,
+        architecture,
+        "the build root whose glibc the test roots use",
+    )
+}
+
+/// Reads the path in the variable `<prefix><ARCHITECTURE>` and checks that it exists.
+fn path_from_env(prefix: &str, architecture: &str, what: &str) -> Result<PathBuf> {
+    let variable = format!("{prefix}{}", architecture.to_uppercase());
+    let path = env::var_os(&variable)
+        .map(PathBuf::from)
+        .with_context(|| format!("{variable} is not set: it names {what}; run `cargo xtask test`"))?;
+    if !path.exists() {
+        bail!("{variable}={} does not exist", path.display());
     }
     Ok(path)
 }
 
-/// Unzips a layer, keeping modes and symlinks.
 fn unzip(zip_path: &Path, into: &Path) -> Result<()> {
     let file = File::open(zip_path).with_context(|| format!("cannot open {}", zip_path.display()))?;
     let mut archive = zip::ZipArchive::new(file)?;
@@ -359,4 +460,88 @@ fn install_decoys(layer: &Layer, build_root: &Path, lib64: &Path, work: &Path) -
         decoys.push(library.soname.clone());
     }
     Ok(decoys)
+}
+
+/// A program started in a root, whose output is collected as it comes.
+/// Dropping it kills the sandbox.
+pub struct Spawned {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl LayerRoot {
+    /// Starts `program` in the root; its stdout and stderr both go to the
+    /// collected log, as Lambda sends both to CloudWatch Logs.
+    pub fn spawn(&self, program: &str, args: &[&str], options: &Options) -> Result<Spawned> {
+        let mut child = self
+            .command_with(program, args, options)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start bwrap")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        let stdout = child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
+        let stderr = child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
+        for pipe in [stdout, stderr].into_iter().flatten() {
+            let log = log.clone();
+            readers.push(thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }));
+        }
+        Ok(Spawned { child, log, readers })
+    }
+}
+
+impl Spawned {
+    /// Everything the program wrote so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; returns whether it did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.log().contains(needle)
+    }
+
+    /// Waits for the program to exit and returns its exit code, or `None`
+    /// if it still runs after `timeout` (or died from a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // bwrap runs with --die-with-parent semantics for its own child:
+        // killing bwrap ends everything inside the sandbox.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

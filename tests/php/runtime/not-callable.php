@@ -1,0 +1,3 @@
+<?php
+// An init error: the file returns no callable.
+return 42;

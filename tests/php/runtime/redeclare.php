@@ -1,0 +1,7 @@
+<?php
+// An init error: a compile-time fatal error, not an exception.
+function strlen($value)
+{
+    return 0;
+}
+return fn ($event) => $event;

@@ -1,0 +1,3 @@
+<?php
+// An init error: a parse error.
+return function ($event {
