@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use crate::build_layers::{self, Manifest};
 use crate::build_root::{self, RootRecipe};
 use crate::compile::{self, CompileTimings, Cross, Toolchain};
-use crate::flags::{Arch, BenchArgs};
+use crate::flags::{Arch, BenchArgs, Benchmark};
 use crate::matrix::Definitions;
 use crate::mirror::Mirrors;
 use crate::{project_root, sources};
@@ -24,6 +24,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let definitions = Definitions::load(&project.join("layers"))?;
     let cache_dir = args.common.cache_dir(&project);
     let out_dir = args.common.out_dir(&project);
+    let path = project.join("BENCHMARKS.md");
+    let old_page = fs::read_to_string(&path).unwrap_or_default();
+    let mut page = if args.runs(Benchmark::Compile) {
+        compile_page(args, &definitions, &cache_dir, &out_dir)?
+    } else {
+        render_header(args.common.jobs())
+    };
+    if args.runs(Benchmark::Runtime) {
+        let manifest_path = out_dir.join(build_layers::MANIFEST_NAME);
+        for (key, value) in crate::test::environment(&definitions, &out_dir, &cache_dir)? {
+            // The isolated roots read these, as in `cargo xtask test`.
+            std::env::set_var(key, value);
+        }
+        let figures = crate::bench_runtime::measure(&manifest_path)?;
+        if !page.ends_with("\n\n") {
+            page.push('\n');
+        }
+        page.push_str(&crate::bench_runtime::render(&figures));
+    }
+    let page = merge_sections(&old_page, &page);
+    fs::write(&path, page).with_context(|| format!("failed to write {}", path.display()))?;
+    eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Compiles PHP for both architectures and returns the page with their
+/// timings and the layer sizes.
+fn compile_page(args: &BenchArgs, definitions: &Definitions, cache_dir: &Path, out_dir: &Path) -> Result<String> {
     let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;
     let jobs = args.common.jobs();
@@ -35,14 +63,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .php
         .get(&php)
         .with_context(|| format!("PHP {php} is not declared under layers/php/"))?;
-    let tarball = sources::fetch(release, &mirrors, &cache_dir)?;
+    let tarball = sources::fetch(release, &mirrors, cache_dir)?;
 
     let mut timings = Vec::new();
     let mut native_header = None;
     for arch in [host, other_arch(host)] {
         let target = definitions.target(arch);
         let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
-        let root = build_root::ensure(&recipe, &mirrors, &cache_dir)?;
+        let root = build_root::ensure(&recipe, &mirrors, cache_dir)?;
         let cross = match (&target.cross, target.is_cross(host)) {
             (Some(spec), true) => Some(Cross {
                 spec,
@@ -60,7 +88,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .join("build")
             .join(format!("bench-php-{}-{arch}", release.version));
         let log = cache_dir.join("logs").join(format!("bench-compile-{arch}.log"));
-        let result = compile::compile_into(&definitions, release, &tarball, &root, &toolchain, &dir, &log, jobs)
+        let result = compile::compile_into(definitions, release, &tarball, &root, &toolchain, &dir, &log, jobs)
             .with_context(|| format!("the benchmark compile for {arch} failed"))?;
         if !target.is_cross(host) {
             native_header = Some(compile::PhpBuild { dir: dir.clone() }.php_config_h());
@@ -70,14 +98,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let manifest = read_manifest(&out_dir.join(build_layers::MANIFEST_NAME));
     let page = render(&release.version, jobs, &timings, manifest.as_ref());
-    let path = project.join("BENCHMARKS.md");
-    fs::write(&path, page).with_context(|| format!("failed to write {}", path.display()))?;
-    eprintln!("bench: wrote {}", path.display());
 
     for arch in [host, other_arch(host)] {
         let target = definitions.target(arch);
         let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
-        if let Some(root) = build_root::find(&recipe, &cache_dir) {
+        if let Some(root) = build_root::find(&recipe, cache_dir) {
             let dir = root
                 .path
                 .join("build")
@@ -85,7 +110,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let _ = fs::remove_dir_all(dir);
         }
     }
-    Ok(())
+    Ok(page)
 }
 
 fn other_arch(arch: Arch) -> Arch {
@@ -104,14 +129,15 @@ fn seconds(duration: Duration) -> String {
     format!("{:.1}", duration.as_secs_f64())
 }
 
-/// Returns the text of BENCHMARKS.md.
-fn render(version: &str, jobs: usize, timings: &[(Arch, CompileTimings)], manifest: Option<&Manifest>) -> String {
+/// Returns the title, the introduction and the machine's description.
+fn render_header(jobs: usize) -> String {
     let mut page = String::new();
     let _ = writeln!(page, "# Benchmarks\n");
     let _ = writeln!(
         page,
-        "Written by `cargo xtask bench`: wall times of one run on the machine below.\n\
-         They vary from run to run, so compare figures of the same run.\n"
+        "Written by `cargo xtask bench` (`--only compile` or `--only runtime` for\n\
+         one section): wall times of one run on the machine below. They vary\n\
+         from run to run, so compare figures of the same run.\n"
     );
     let _ = writeln!(page, "## Machine\n");
     let _ = writeln!(page, "- CPU: {}", cpu_model());
@@ -122,7 +148,56 @@ fn render(version: &str, jobs: usize, timings: &[(Arch, CompileTimings)], manife
     );
     let _ = writeln!(page, "- memory: {}", memory_total());
     let _ = writeln!(page, "- `make -j{jobs}`\n");
+    page
+}
 
+/// Returns `new` with the sections (`## ` headings) of `old` that `new`
+/// lacks, in `old`'s order. Sections match by heading, digits aside, so
+/// "Compiling PHP 8.2.32" replaces "Compiling PHP 8.2.31".
+fn merge_sections(old: &str, new: &str) -> String {
+    fn split(page: &str) -> (String, Vec<(String, String)>) {
+        let mut preamble = String::new();
+        let mut sections: Vec<(String, String)> = Vec::new();
+        for line in page.split_inclusive('\n') {
+            if let Some(heading) = line.strip_prefix("## ") {
+                let key: String = heading
+                    .trim()
+                    .chars()
+                    .filter(|c| !c.is_ascii_digit() && *c != '.')
+                    .collect();
+                sections.push((key, String::new()));
+            }
+            match sections.last_mut() {
+                Some((_, text)) => text.push_str(line),
+                None => preamble.push_str(line),
+            }
+        }
+        (preamble, sections)
+    }
+    let (_, old_sections) = split(old);
+    let (preamble, mut new_sections) = split(new);
+    let mut page = preamble;
+    for (key, text) in &old_sections {
+        match new_sections.iter().position(|(new_key, _)| new_key == key) {
+            Some(index) => page.push_str(&new_sections.remove(index).1),
+            None => page.push_str(text),
+        }
+        if !page.ends_with("\n\n") {
+            page.push('\n');
+        }
+    }
+    for (_, text) in new_sections {
+        page.push_str(&text);
+        if !page.ends_with("\n\n") {
+            page.push('\n');
+        }
+    }
+    page.trim_end().to_string() + "\n"
+}
+
+/// Returns the text of BENCHMARKS.md.
+fn render(version: &str, jobs: usize, timings: &[(Arch, CompileTimings)], manifest: Option<&Manifest>) -> String {
+    let mut page = render_header(jobs);
     let _ = writeln!(page, "## Compiling PHP {version}\n");
     let _ = writeln!(
         page,
@@ -222,5 +297,21 @@ mod tests {
         let page = render("8.2.32", 2, &timings, None);
         assert!(page.contains("| x86_64 | 20.0 | 300.0 | 320.0 |"), "{page}");
         assert!(page.contains("**1.25x**"), "{page}");
+    }
+
+    #[test]
+    fn merge_keeps_sections_not_measured() {
+        let old = "# B\n\nold intro\n\n## Machine\n\nold cpu\n\n## Compiling PHP 8.2.31\n\n300 s\n\n## Runtime overhead\n\n1 ms\n";
+        let new = "# B\n\nnew intro\n\n## Machine\n\nnew cpu\n\n## Runtime overhead\n\n0.5 ms\n";
+        let merged = merge_sections(old, new);
+        assert_eq!(
+            merged,
+            "# B\n\nnew intro\n\n## Machine\n\nnew cpu\n\n## Compiling PHP 8.2.31\n\n300 s\n\n## Runtime overhead\n\n0.5 ms\n"
+        );
+        let newer = "# B\n\n## Compiling PHP 8.2.32\n\n290 s\n\n## Layer sizes\n\n1\n";
+        let merged = merge_sections(&merged, newer);
+        assert!(merged.contains("## Compiling PHP 8.2.32\n\n290 s"), "{merged}");
+        assert!(!merged.contains("8.2.31"), "{merged}");
+        assert!(merged.ends_with("## Layer sizes\n\n1\n"), "{merged}");
     }
 }

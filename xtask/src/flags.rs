@@ -88,6 +88,11 @@ pub struct TestArgs {
 
     #[command(flatten)]
     pub build: BuildLayersArgs,
+
+    /// Only run the tests whose names contain one of these strings, as
+    /// `cargo test` filters them (`cargo xtask test -- fpm_runtime`).
+    #[arg(last = true, value_name = "FILTER")]
+    pub filters: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -96,8 +101,30 @@ pub struct BenchArgs {
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Option<PhpMinor>,
 
+    /// Run only this benchmark; repeat the flag for several. The other
+    /// sections of BENCHMARKS.md are kept. `runtime` needs built layers.
+    /// [default: all]
+    #[arg(long = "only", value_enum, value_name = "BENCHMARK")]
+    pub only: Vec<Benchmark>,
+
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// A part of `cargo xtask bench`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Benchmark {
+    /// Compiling PHP for x86_64 and arm64 (about 15 minutes on 2 cores).
+    Compile,
+    /// Cold start and warm overhead of the function and FPM runtimes.
+    Runtime,
+}
+
+impl BenchArgs {
+    /// Whether `benchmark` runs in this invocation.
+    pub fn runs(&self, benchmark: Benchmark) -> bool {
+        self.only.is_empty() || self.only.contains(&benchmark)
+    }
 }
 
 impl CommonArgs {

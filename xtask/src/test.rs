@@ -1,11 +1,14 @@
 //! `cargo xtask test`: builds the layers, then runs every test of the
 //! workspace, the acceptance tests of the built layers included.
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::build_layers;
-use crate::build_root::{self, RootRecipe};
+use crate::build_root::{self, BuildRoot, RootRecipe};
 use crate::flags::{Arch, TestArgs};
 use crate::matrix::Definitions;
 use crate::{host, project_root};
@@ -20,6 +23,11 @@ pub const CACHE_DIR_VAR: &str = "LAYERS_CACHE_DIR";
 /// build root of an architecture (`LAYERS_BUILD_ROOT_X86_64`), whose glibc
 /// the isolated test roots use.
 pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
+
+/// Environment variable prefix that points the acceptance tests at the
+/// shell that stands in for the base image's `/bin/sh` on an architecture
+/// (`LAYERS_TEST_SHELL_ARM64`): /opt/bootstrap is a shell script.
+pub const TEST_SHELL_VAR_PREFIX: &str = "LAYERS_TEST_SHELL_";
 
 pub fn run(args: &TestArgs) -> Result<()> {
     let project = project_root();
@@ -47,17 +55,63 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     let sh = Shell::new()?;
     sh.change_dir(&project);
-    let mut command = cmd!(sh, "cargo test --workspace -- --include-ignored")
-        .env(DIST_DIR_VAR, &dist)
-        .env(CACHE_DIR_VAR, &cache);
-    for arch in Arch::ALL {
-        let recipe = RootRecipe::new(&definitions.build_root, definitions.target(*arch), host)?;
-        if let Some(root) = build_root::find(&recipe, &cache) {
-            let variable = format!("{BUILD_ROOT_VAR_PREFIX}{}", arch.lambda_name().to_uppercase());
-            command = command.env(variable, &root.path);
-        }
+    let filters = &args.filters;
+    let mut command = cmd!(sh, "cargo test --workspace -- --include-ignored {filters...}");
+    for (key, value) in environment(&definitions, &dist, &cache)? {
+        command = command.env(key, value);
     }
     command.run().context("the tests failed")?;
     eprintln!("test: every test passed");
     Ok(())
+}
+
+/// Returns the variables that point the acceptance tests at the zips, the
+/// cache, and the build root and test shell of each architecture.
+pub fn environment(definitions: &Definitions, dist: &Path, cache: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let host = build_root::host_arch()?;
+    let mut variables = vec![
+        (DIST_DIR_VAR.to_string(), dist.to_path_buf()),
+        (CACHE_DIR_VAR.to_string(), cache.to_path_buf()),
+    ];
+    for arch in Arch::ALL {
+        let recipe = RootRecipe::new(&definitions.build_root, definitions.target(*arch), host)?;
+        if let Some(root) = build_root::find(&recipe, cache) {
+            let name = arch.lambda_name().to_uppercase();
+            variables.push((format!("{BUILD_ROOT_VAR_PREFIX}{name}"), root.path.clone()));
+            variables.push((format!("{TEST_SHELL_VAR_PREFIX}{name}"), test_shell(&root, cache)?));
+        }
+    }
+    Ok(variables)
+}
+
+/// Returns Debian's dash for the architecture of `root`, downloaded once
+/// into the cache. Lambda's base image has a `/bin/sh`, and the test roots
+/// need one of the layer's own architecture to run /opt/bootstrap.
+fn test_shell(root: &BuildRoot, cache: &Path) -> Result<PathBuf> {
+    let root_name = root.path.file_name().context("the build root has no name")?;
+    let shell = cache.join("test-shells").join(root_name).join("sh");
+    if shell.is_file() {
+        return Ok(shell);
+    }
+    let log = cache.join("logs").join(format!("test-shell-{}.log", root.arch));
+    let work = "/var/tmp/test-shell";
+    let script = format!(
+        "rm -rf {work} && mkdir -p {work} && cd {work} && apt-get download --quiet dash:{arch} && dpkg-deb -x dash_*.deb tree",
+        arch = root.arch.debian_name()
+    );
+    eprintln!("test: downloading dash for the {} test roots", root.arch);
+    root.command("sh")
+        .args(["-c", &script])
+        .network(true)
+        .run_logged(&log)?;
+
+    let extracted = root.path.join(work.trim_start_matches('/')).join("tree/bin/dash");
+    let directory = shell.parent().context("the shell path has no parent")?;
+    fs::create_dir_all(directory)?;
+    let partial = crate::process::partial_path(&shell);
+    fs::copy(&extracted, &partial)
+        .with_context(|| format!("cannot copy {} to {}", extracted.display(), partial.display()))?;
+    fs::rename(&partial, &shell)?;
+    fs::remove_dir_all(root.path.join(work.trim_start_matches('/')))?;
+    Ok(shell)
 }
