@@ -50,7 +50,8 @@ $requestId = null;
 register_shutdown_function(static function () use ($api, $fpm, &$requestId): void {
     $fpm->stop();
     $last = error_get_last();
-    if ($requestId === null || $last === null) {
+    $fatal = E_ERROR | E_PARSE | E_CORE_ERROR | E_COMPILE_ERROR | E_USER_ERROR | E_RECOVERABLE_ERROR;
+    if ($requestId === null || $last === null || ($last['type'] & $fatal) === 0) {
         return;
     }
     ini_set('memory_limit', '-1');
@@ -77,16 +78,18 @@ while (true) {
         if ($reply->stderr !== '') {
             log_line("php-fpm stderr for invocation $requestId: {$reply->stderr}");
         }
-        $body = json_encode($request->response($reply->stdout), JSON_FLAGS);
+        $response = $request->response($reply->stdout);
     } catch (FpmTimeout $error) {
         $api->fail($requestId, new RuntimeError(
             'Runtime.FpmTimeout',
             "The script timed out: no response before the invocation's deadline. php-fpm is restarted",
         ));
+        $requestId = null;
         $fpm->restart();
         continue;
     } catch (FpmUnavailable $error) {
         $api->fail($requestId, new RuntimeError('Runtime.FpmUnavailable', "{$error->getMessage()}. php-fpm is restarted"));
+        $requestId = null;
         $fpm->restart();
         continue;
     } catch (\JsonException $error) {
@@ -95,6 +98,14 @@ while (true) {
     } catch (RuntimeError $error) {
         $api->fail($requestId, $error);
         continue;
+    }
+    try {
+        $body = json_encode($response, JSON_FLAGS);
+    } catch (\JsonException $error) {
+        // Header values are the only text that may not be UTF-8: the body
+        // goes as base64 when it is not text.
+        log_line("The response headers of invocation $requestId are not valid UTF-8; invalid bytes are replaced with U+FFFD");
+        $body = json_encode($response, JSON_FLAGS | JSON_INVALID_UTF8_SUBSTITUTE);
     }
     $api->respond($requestId, $body);
 }

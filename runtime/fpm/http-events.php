@@ -78,8 +78,11 @@ final class HttpRequest
                     : rawurlencode((string) $name) . '=' . rawurlencode((string) $value);
             }
         }
+        // A load balancer appends the client's address to the
+        // X-Forwarded-For the client sent, so only the last entry is its own.
+        $forwardedFor = explode(',', implode(',', $headers['x-forwarded-for'] ?? []));
         $remote = $alb
-            ? trim(explode(',', $headers['x-forwarded-for'][0] ?? '')[0])
+            ? trim(end($forwardedFor))
             : (string) ($context['identity']['sourceIp'] ?? '');
         return new self(
             $alb ? EventFormat::Alb : EventFormat::ApiGatewayV1,
@@ -187,7 +190,10 @@ final class HttpRequest
             $params['CONTENT_LENGTH'] = (string) strlen($this->body);
         }
         foreach ($this->headers as $name => $values) {
-            if ($name === 'content-length') {
+            // `Proxy` would become HTTP_PROXY, which HTTP clients read as
+            // their proxy setting. A name with `_` would collide with the
+            // same name written with `-`, so it is dropped as nginx does.
+            if ($name === 'content-length' || $name === 'proxy' || str_contains($name, '_')) {
                 continue;
             }
             $value = implode($name === 'cookie' ? '; ' : ', ', $values);
@@ -253,6 +259,15 @@ final class HttpRequest
         } else {
             // Without multi-value headers only one value per name gets
             // through: keep the last, as a proxy would.
+            foreach ($headers as $name => $values) {
+                if (count($values) > 1) {
+                    log_line(sprintf(
+                        'The script sent %d %s headers, but this event format takes one value per header, so only the last one is sent; enable multi-value headers to send all of them',
+                        count($values),
+                        $name,
+                    ));
+                }
+            }
             $response['headers'] = array_map(fn (array $values) => end($values), $headers);
         }
         if ($this->format === EventFormat::Alb) {

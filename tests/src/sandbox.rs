@@ -466,7 +466,9 @@ fn install_decoys(layer: &Layer, build_root: &Path, lib64: &Path, work: &Path) -
 /// Dropping it kills the sandbox.
 pub struct Spawned {
     child: Child,
+    /// stdout and stderr interleaved by line, as CloudWatch Logs shows them.
     log: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -482,21 +484,30 @@ impl LayerRoot {
             .spawn()
             .context("cannot start bwrap")?;
         let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let out_pipe = child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
+        let err_pipe = child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
         let mut readers = Vec::new();
-        let stdout = child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
-        let stderr = child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>);
-        for pipe in [stdout, stderr].into_iter().flatten() {
+        for (pipe, only) in [(out_pipe, Some(stdout.clone())), (err_pipe, None)] {
+            let Some(pipe) = pipe else { continue };
             let log = log.clone();
             readers.push(thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
+                    for buffer in std::iter::once(&log).chain(only.as_ref()) {
+                        let mut buffer = buffer.lock().unwrap();
+                        buffer.push_str(&line);
+                        buffer.push('\n');
+                    }
                 }
             }));
         }
-        Ok(Spawned { child, log, readers })
+        Ok(Spawned {
+            child,
+            log,
+            stdout,
+            readers,
+        })
     }
 }
 
@@ -504,6 +515,11 @@ impl Spawned {
     /// Everything the program wrote so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// What the program wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Waits until the log contains `needle`; returns whether it did.

@@ -205,6 +205,11 @@ fn function_runtime_reports_handler_errors() {
         let pid = response(invoke(&api, &runtime, json!({"action": "pid"})), &layer.name, &runtime).json();
         assert_eq!(pid, first_pid, "{}: an exception must not restart PHP", layer.name);
 
+        // An event that is not JSON.
+        let outcome = api.invoke(Invocation::new("not json"), WAIT).unwrap();
+        let recorded = error(outcome, &layer.name, &runtime);
+        error_document(&recorded, "Runtime.InvalidEvent");
+
         // Results that cannot be sent.
         let cases = [
             ("large", "Function.ResponseSizeTooLarge", "6291456"),
@@ -233,6 +238,20 @@ fn function_runtime_reports_handler_errors() {
             previous = pid;
         }
         assert!(runtime.log().contains("Allowed memory size"), "{}", runtime.log());
+        api.assert_no_violations();
+    }
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
+fn function_runtime_accepts_handler_object() {
+    for layer in layers("function") {
+        let (_root, api, runtime) = serve(&layer, "object-handler.php");
+        let invocation = Invocation::json(&json!({"name": "object"}));
+        let request_id = invocation.request_id.clone();
+        let result = response(api.invoke(invocation, WAIT).unwrap(), &layer.name, &runtime).json();
+        assert_eq!(result["handled"], json!({"name": "object"}), "{}", layer.name);
+        assert_eq!(result["requestId"], request_id.as_str(), "{}", layer.name);
         api.assert_no_violations();
     }
 }
@@ -362,6 +381,16 @@ const HTTP_CASES: &[HttpCase] = &[
         custom_header: "first, second",
     },
     HttpCase {
+        file: "http-api-v1.json",
+        multi_value: true,
+        https: true,
+        port: "443",
+        server_name: "abcdef1234.execute-api.us-east-1.amazonaws.com",
+        query: "action=dump&tag=a&tag=b&filter.name=a%20b",
+        tag: "b",
+        custom_header: "first, second",
+    },
+    HttpCase {
         file: "http-api.json",
         multi_value: false,
         https: true,
@@ -415,7 +444,7 @@ fn fpm_runtime_translates_http_events() {
             // The response, in the event's format.
             assert_eq!(result["statusCode"], 200, "{what}: {result}");
             assert_eq!(result["isBase64Encoded"], false, "{what}");
-            let v2 = case.file != "api-gateway-rest.json" && !case.file.starts_with("alb");
+            let v2 = matches!(case.file, "http-api.json" | "function-url.json");
             if v2 {
                 assert_eq!(result["cookies"], json!(["first=1", "second=2"]), "{what}: {result}");
                 assert_eq!(header_values(&result, "x-multi"), ["one, two"], "{what}");
@@ -456,6 +485,9 @@ fn fpm_runtime_translates_http_events() {
             assert_eq!(server["CONTENT_LENGTH"], "30", "{what}");
             assert_eq!(server["HTTP_X_CUSTOM"], case.custom_header, "{what}");
             assert_eq!(server["HTTP_ACCEPT"], "application/json", "{what}");
+            // http-api.json also sends `proxy` and `x_custom`: neither may
+            // reach PHP.
+            assert_eq!(server["HTTP_PROXY"], Value::Null, "{what}");
             assert_eq!(seen["get"]["tag"], case.tag, "{what}");
             // PHP itself turns the dot of a key into an underscore.
             assert_eq!(seen["get"]["filter_name"], "a b", "{what}");
@@ -478,7 +510,14 @@ fn fpm_runtime_translates_http_events() {
 fn fpm_runtime_answers_status_types_and_bodies() {
     for layer in layers("fpm") {
         let (_root, api, runtime) = serve(&layer, "http.php");
-        for file in ["api-gateway-rest.json", "http-api.json", "alb.json"] {
+        for file in [
+            "api-gateway-rest.json",
+            "http-api-v1.json",
+            "http-api.json",
+            "function-url.json",
+            "alb.json",
+            "alb-multi-value.json",
+        ] {
             let what = format!("{}: {file}", layer.name);
             let call = |action: &str| {
                 response(
@@ -508,6 +547,11 @@ fn fpm_runtime_answers_status_types_and_bodies() {
             assert_eq!(result["isBase64Encoded"], true, "{what}: {result}");
             assert_eq!(result["body"], "iVBORw0KGgoAAf8=", "{what}");
             assert_eq!(header_values(&result, "content-type"), ["image/png"], "{what}");
+
+            let result = call("action=latin1-header");
+            assert_eq!(result["statusCode"], 200, "{what}: {result}");
+            let disposition = header_values(&result, "content-disposition");
+            assert_eq!(disposition, ["attachment; filename=\"caf\u{FFFD}.txt\""], "{what}");
 
             let result = call("action=empty");
             assert_eq!(result["statusCode"], 204, "{what}");
@@ -558,6 +602,7 @@ fn fpm_runtime_recovers_from_failures() {
             "{document}"
         );
         assert!(runtime.wait_for_log("exited on signal 9", WAIT), "{}", runtime.log());
+        assert!(runtime.stdout().contains("exited on signal 9"), "{}", runtime.stdout());
         pid(&runtime);
 
         // php-fpm's master dies between two invocations: the next one

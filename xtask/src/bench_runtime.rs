@@ -139,7 +139,8 @@ pub fn render(figures: &[RuntimeFigures]) -> String {
          or a script that prints two bytes (FPM, an HTTP API event through\n\
          php-fpm). Cold start: from starting bwrap to the first `GET next`,\n\
          median of {COLD_STARTS}; it includes bwrap's own setup and, for FPM,\n\
-         starting php-fpm.\n"
+         starting php-fpm. The target column is the warm median the runtimes\n\
+         aim for on a machine like this one.\n"
     );
     let _ = writeln!(
         section,

@@ -74,4 +74,8 @@ switch ($_GET['action'] ?? 'dump') {
     case 'pid':
         echo getmypid();
         break;
+    case 'latin1-header':
+        header("Content-Disposition: attachment; filename=\"caf\xe9.txt\"");
+        echo 'latin-1 header';
+        break;
 }
