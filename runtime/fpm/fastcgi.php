@@ -94,7 +94,7 @@ final class Fpm
 
     /**
      * Stops php-fpm and its workers. A worker may be stuck in a request, so
-     * the workers are killed first; the master then gets a moment to remove
+     * the workers are killed first. The master then gets a moment to remove
      * its socket. Workers left behind by a master that died are killed too:
      * they still hold the listening socket, and a new master would fail
      * to start beside them.

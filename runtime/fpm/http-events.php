@@ -71,7 +71,7 @@ final class HttpRequest
         $pairs = [];
         foreach ($queryValues as $name => $values) {
             foreach ((array) $values as $value) {
-                // API Gateway decodes the query string; a load balancer
+                // API Gateway decodes the query string, while a load balancer
                 // passes it as the client sent it.
                 $pairs[] = $alb
                     ? ($value === '' ? (string) $name : "$name=$value")

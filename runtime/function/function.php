@@ -3,7 +3,7 @@
 // fetch the next event, call the handler, post its result or its error.
 //
 // $_HANDLER names a file relative to $LAMBDA_TASK_ROOT that returns a
-// callable taking ($event, $context); an object with a handle() method also
+// callable taking ($event, $context). An object with a handle() method also
 // works. $LAMBDA_TASK_ROOT/vendor/autoload.php is loaded first when present.
 //
 // A PHP fatal error ends the process: the shutdown function reports it for

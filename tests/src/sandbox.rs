@@ -25,7 +25,7 @@ pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
 const NO_DECOY: &[&str] = &["libgcc_s.so.1"];
 
 /// Prefix of the environment variables naming the shell that replaces
-/// the base image's `/bin/sh` (`LAYERS_TEST_SHELL_ARM64`); `cargo xtask
+/// the base image's `/bin/sh` (`LAYERS_TEST_SHELL_ARM64`). `cargo xtask
 /// test` sets them.
 pub const TEST_SHELL_VAR_PREFIX: &str = "LAYERS_TEST_SHELL_";
 
@@ -473,7 +473,7 @@ pub struct Spawned {
 }
 
 impl LayerRoot {
-    /// Starts `program` in the root; its stdout and stderr both go to the
+    /// Starts `program` in the root. Its stdout and stderr both go to the
     /// collected log, as Lambda sends both to CloudWatch Logs.
     pub fn spawn(&self, program: &str, args: &[&str], options: &Options) -> Result<Spawned> {
         let mut child = self
@@ -522,7 +522,7 @@ impl Spawned {
         self.stdout.lock().unwrap().clone()
     }
 
-    /// Waits until the log contains `needle`; returns whether it did.
+    /// Waits until the log contains `needle` and returns whether it did.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

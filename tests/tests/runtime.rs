@@ -223,7 +223,7 @@ fn function_runtime_reports_handler_errors() {
             assert!(message.contains(fragment), "{}: {action}: {message}", layer.name);
         }
 
-        // Fatal errors end the process; the next event gets a fresh one.
+        // Fatal errors end the process, so the next event gets a fresh one.
         let mut previous = first_pid;
         for (action, error_type, fragment) in [
             ("memory", "Runtime.PhpFatalError", "Allowed memory size"),
@@ -590,7 +590,7 @@ fn fpm_runtime_recovers_from_failures() {
             "{what}: php-fpm was not restarted after the timeout"
         );
 
-        // A worker that dies fails its invocation; php-fpm's own log, which
+        // A worker that dies fails its invocation. php-fpm's own log, which
         // reports the signal, reaches the function's log.
         let recorded = error(invoke(&api, &runtime, http("action=kill-worker")), what, &runtime);
         let document = error_document(&recorded, "Runtime.FpmUnavailable");
