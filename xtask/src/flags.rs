@@ -30,6 +30,10 @@ pub enum Task {
     /// measured times and the layer sizes to BENCHMARKS.md (about 15
     /// minutes on 2 cores).
     Bench(BenchArgs),
+    /// Publish the zips in the output directory as Lambda layer versions in
+    /// several regions, in parallel, and record the versions in layers.json.
+    /// A layer whose latest version has the same content is left alone.
+    Publish(PublishArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +110,49 @@ pub struct BenchArgs {
     /// [default: all]
     #[arg(long = "only", value_enum, value_name = "BENCHMARK")]
     pub only: Vec<Benchmark>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Regions to publish to, separated by commas, or `all` for every
+    /// region in layers/regions.toml.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "REGIONS")]
+    pub regions: Vec<String>,
+
+    /// Publish only the layers of this architecture. Repeat for several.
+    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    pub arch: Vec<Arch>,
+
+    /// Text put before every layer name, to publish under your own names.
+    #[arg(long, default_value = "", value_name = "PREFIX")]
+    pub layer_prefix: String,
+
+    /// Do not make the versions publicly readable.
+    #[arg(long)]
+    pub private: bool,
+
+    /// Print what would be published, calling only read APIs.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+
+    /// AWS profile for the credentials. [default: the usual AWS variables and files]
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// Lambda endpoint to call instead of AWS's, such as a local emulator.
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// The version table to update. [default: layers.json in the project]
+    #[arg(long, value_name = "FILE")]
+    pub table: Option<PathBuf>,
 
     #[command(flatten)]
     pub common: CommonArgs,

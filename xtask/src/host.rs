@@ -41,6 +41,12 @@ pub const QEMU_AARCH64: Tool = Tool {
     purpose: "runs the arm64 layers in the acceptance tests",
 };
 
+pub const PYTHON3: Tool = Tool {
+    program: "python3",
+    package: "python3-venv",
+    purpose: "installs moto, the AWS emulator the publish tests use",
+};
+
 pub const APT_GET: Tool = Tool {
     program: "apt-get",
     package: "apt",

@@ -17,6 +17,7 @@ mod matrix;
 mod mirror;
 mod php_config;
 mod process;
+mod publish;
 mod sources;
 mod test;
 
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         flags::Task::BuildLayers(args) => build_layers::run(&args).map(|_| ()),
         flags::Task::Test(args) => test::run(&args),
         flags::Task::Bench(args) => bench::run(&args),
+        flags::Task::Publish(args) => publish::run(&args),
     };
 
     let Err(error) = result else {

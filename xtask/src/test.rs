@@ -72,6 +72,7 @@ pub fn environment(definitions: &Definitions, dist: &Path, cache: &Path) -> Resu
     let mut variables = vec![
         (DIST_DIR_VAR.to_string(), dist.to_path_buf()),
         (CACHE_DIR_VAR.to_string(), cache.to_path_buf()),
+        (MOTO_SERVER_VAR.to_string(), moto_server(cache)?),
     ];
     for arch in Arch::ALL {
         let recipe = RootRecipe::new(&definitions.build_root, definitions.target(*arch), host)?;
@@ -82,6 +83,45 @@ pub fn environment(definitions: &Definitions, dist: &Path, cache: &Path) -> Resu
         }
     }
     Ok(variables)
+}
+
+/// Environment variable that names the `moto_server` program for the
+/// publish tests.
+pub const MOTO_SERVER_VAR: &str = "LAYERS_MOTO_SERVER";
+
+/// Version of moto the publish tests run against.
+const MOTO_VERSION: &str = "5.2.*";
+
+/// Installs moto from PyPI into a virtual environment in the cache, once,
+/// and returns its `moto_server`. A virtual environment records its own
+/// path, so it is made in place, and a marker written last tells a
+/// finished one from an interrupted one.
+fn moto_server(cache: &Path) -> Result<PathBuf> {
+    let venv = cache.join("moto");
+    let server = venv.join("bin/moto_server");
+    let marker = venv.join(".installed");
+    if marker.is_file() {
+        return Ok(server);
+    }
+    host::ensure(&[host::PYTHON3])?;
+    let log = cache.join("logs").join("moto.log");
+    eprintln!(
+        "test: installing moto[server] {MOTO_VERSION} from PyPI into {}",
+        venv.display()
+    );
+    if venv.exists() {
+        fs::remove_dir_all(&venv)?;
+    }
+    let mut create = std::process::Command::new("python3");
+    create.arg("-m").arg("venv").arg(&venv);
+    crate::process::run_logged(create, &log)?;
+    let mut install = std::process::Command::new(venv.join("bin/pip"));
+    install
+        .args(["install", "--quiet"])
+        .arg(format!("moto[server]=={MOTO_VERSION}"));
+    crate::process::run_logged(install, &log)?;
+    fs::write(&marker, MOTO_VERSION)?;
+    Ok(server)
 }
 
 /// Returns Debian's dash for the architecture of `root`, downloaded once
