@@ -95,3 +95,14 @@ impl Layer {
         dist_dir().join(&self.zip)
     }
 }
+
+/// Returns the command that runs `cargo xtask TASK` in the workspace, with
+/// the cargo that runs the tests.
+pub fn xtask(task: &str) -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--package", "xtask", "--", task]);
+    command
+}

@@ -274,7 +274,7 @@ impl LayerRoot {
     }
 }
 
-/// The stand-in for the base image's `/bin/sh`: Debian's dash for the
+/// Returns the replacement for the base image's `/bin/sh`: Debian's dash for the
 /// layer's architecture, which `cargo xtask test` downloads.
 fn test_shell(architecture: &str) -> Result<PathBuf> {
     path_from_env(TEST_SHELL_VAR_PREFIX, architecture, "the /bin/sh of the test roots")
@@ -517,7 +517,7 @@ impl Spawned {
         self.log.lock().unwrap().clone()
     }
 
-    /// What the program wrote to stdout so far.
+    /// Returns what the program wrote to stdout so far.
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()
     }

@@ -12,7 +12,7 @@ use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use layer_tests::manifest::workspace_root;
+use layer_tests::manifest::{workspace_root, xtask};
 use layer_tests::{fastcgi, Layer, LayerRoot, Manifest};
 
 fn php_script(name: &str) -> Vec<u8> {
@@ -446,20 +446,10 @@ fn rebuilt_zips_are_identical() {
     let cache_dir = std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)
         .expect("LAYERS_CACHE_DIR names the build cache; run `cargo xtask test`");
     let out_dir = tempfile::tempdir().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
 
     // Everything after the compile runs again: closure, assembly, zip.
-    let status = std::process::Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "--package",
-            "xtask",
-            "--",
-            "build-layers",
-            "--out-dir",
-        ])
+    let status = xtask("build-layers")
+        .arg("--out-dir")
         .arg(out_dir.path())
         .arg("--cache-dir")
         .arg(&cache_dir)
@@ -500,10 +490,7 @@ fn failed_architecture_keeps_other_layers() {
     }
     assert!(linked > 0, "no x86_64 build root in {}", real_cache.display());
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["run", "--quiet", "--package", "xtask", "--", "build-layers"])
+    let output = xtask("build-layers")
         .args(["--debian-mirror", "http://127.0.0.1:9/debian", "--out-dir"])
         .arg(&out_dir)
         .arg("--cache-dir")

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use layer_tests::manifest::workspace_root;
+use layer_tests::manifest::xtask;
 
 /// moto_server on a free port of 127.0.0.1, stopped on drop.
 struct Moto {
@@ -93,17 +93,8 @@ fn write_dist(dir: &Path, content: &str) {
 }
 
 fn publish(moto: &Moto, dist: &Path, extra: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO"))
-        .current_dir(workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "--package",
-            "xtask",
-            "--",
-            "publish",
-            "--endpoint-url",
-        ])
+    let output = xtask("publish")
+        .arg("--endpoint-url")
         .arg(moto.endpoint())
         .arg("--out-dir")
         .arg(dist)

@@ -27,7 +27,7 @@ fn layers(kind: &str) -> Vec<Layer> {
     layers
 }
 
-/// A layer's root with the test scripts in `/var/task`.
+/// Builds a layer's root with the test scripts in `/var/task`.
 fn task_root(layer: &Layer) -> LayerRoot {
     let root =
         LayerRoot::new(layer).unwrap_or_else(|error| panic!("cannot build the test root of {}: {error:#}", layer.name));
@@ -55,7 +55,7 @@ fn start(root: &LayerRoot, api: &RuntimeApi, handler: Option<&str>) -> Spawned {
         .expect("cannot start the runtime")
 }
 
-/// A layer's root, a Runtime API server and the layer's bootstrap serving it.
+/// Starts a Runtime API server and the layer's bootstrap serving it, in the layer's root.
 fn serve(layer: &Layer, handler: &str) -> (LayerRoot, RuntimeApi, Spawned) {
     let root = task_root(layer);
     let api = RuntimeApi::start().unwrap();
@@ -301,7 +301,7 @@ fn function_runtime_reports_init_errors() {
     }
 }
 
-/// An HTTP event from `tests/events/`.
+/// Reads an HTTP event from `tests/events/`.
 fn event(name: &str) -> Value {
     let path = workspace_root().join("tests/events").join(name);
     serde_json::from_slice(&fs::read(&path).unwrap()).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
@@ -326,7 +326,7 @@ fn with_action(mut event: Value, action: &str) -> Value {
     event
 }
 
-/// The response headers as name → values, whatever the format.
+/// Returns the response headers as name → values, whatever the format.
 fn response_headers(result: &Value) -> Vec<(String, Vec<String>)> {
     let mut headers = Vec::new();
     if let Some(map) = result["multiValueHeaders"].as_object() {
@@ -362,7 +362,7 @@ struct HttpCase {
     https: bool,
     port: &'static str,
     server_name: &'static str,
-    /// The query string PHP sees.
+    /// The query string PHP receives.
     query: &'static str,
     /// `tag` values in $_GET: a repeated key keeps its last value in PHP.
     tag: &'static str,

@@ -113,7 +113,7 @@ fn options(api: &RuntimeApi, handler: &str) -> Options {
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
 }
 
-/// The value below which `percent` % of the sorted `values` fall.
+/// Returns the value below which `percent` % of the sorted `values` fall.
 fn percentile(sorted: &[Duration], percent: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -126,7 +126,7 @@ fn milliseconds(duration: Duration) -> String {
     format!("{:.3}", duration.as_secs_f64() * 1000.0)
 }
 
-/// The BENCHMARKS.md section of the runtime figures.
+/// Renders the BENCHMARKS.md section of the runtime figures.
 pub fn render(figures: &[RuntimeFigures]) -> String {
     let mut section = String::new();
     let _ = writeln!(section, "## Runtime overhead\n");

@@ -168,7 +168,7 @@ pub enum Benchmark {
 }
 
 impl BenchArgs {
-    /// Whether `benchmark` runs in this invocation.
+    /// Returns whether `benchmark` runs in this invocation.
     pub fn runs(&self, benchmark: Benchmark) -> bool {
         self.only.is_empty() || self.only.contains(&benchmark)
     }

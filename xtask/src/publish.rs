@@ -59,7 +59,7 @@ impl Regions {
     }
 }
 
-/// What happened to one layer in one region.
+/// The result for one layer in one region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Published(i64),

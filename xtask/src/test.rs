@@ -25,7 +25,7 @@ pub const CACHE_DIR_VAR: &str = "LAYERS_CACHE_DIR";
 pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
 
 /// Environment variable prefix that points the acceptance tests at the
-/// shell that stands in for the base image's `/bin/sh` on an architecture
+/// shell that replaces the base image's `/bin/sh` on an architecture
 /// (`LAYERS_TEST_SHELL_ARM64`): /opt/bootstrap is a shell script.
 pub const TEST_SHELL_VAR_PREFIX: &str = "LAYERS_TEST_SHELL_";
 
