@@ -9,6 +9,7 @@
 //! objects lack the DT_RPATH to `/opt/lib` loads the decoys and fails.
 
 pub mod fastcgi;
+pub mod fault_proxy;
 pub mod manifest;
 pub mod runtime_api;
 pub mod sandbox;

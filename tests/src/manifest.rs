@@ -96,10 +96,20 @@ impl Layer {
     }
 }
 
-/// Returns the command that runs `cargo xtask TASK` in the workspace, with
-/// the cargo that runs the tests.
+/// Environment variable naming the xtask program; `cargo xtask test`
+/// sets it to itself.
+pub const XTASK_VAR: &str = "LAYERS_XTASK";
+
+/// Returns the command that runs `cargo xtask TASK` in the workspace: the
+/// program in `$LAYERS_XTASK`, else `cargo run` with the cargo that runs
+/// the tests.
 pub fn xtask(task: &str) -> std::process::Command {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    if let Some(program) = env::var_os(XTASK_VAR) {
+        let mut command = std::process::Command::new(program);
+        command.current_dir(workspace_root()).arg(task);
+        return command;
+    }
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = std::process::Command::new(cargo);
     command
         .current_dir(workspace_root())

@@ -1,13 +1,15 @@
-//! `cargo xtask publish` against moto, AWS's emulator, on 127.0.0.1.
+//! `cargo xtask publish` against moto, AWS's emulator, on 127.0.0.1,
+//! through the project's fault-injecting proxy.
 //!
 //! `cargo xtask test` installs moto and names its `moto_server` in
-//! `LAYERS_MOTO_SERVER`. The zips are small ones made here: moto checks
-//! nothing about their content.
+//! `LAYERS_MOTO_SERVER`. The zips are small ones made here (moto checks
+//! nothing about their content), except one over Lambda's 50 MB inline
+//! limit, which goes through S3.
 
 use std::env;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +18,17 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use layer_tests::fault_proxy::{Fault, FaultProxy, Match, Record, Rule};
 use layer_tests::manifest::xtask;
+
+/// The secret key the task is given: it must never appear in its output.
+const SECRET_KEY: &str = "tEsTsEcReT0123456789abcdefNeverPrinted";
+const ACCESS_KEY: &str = "AKIATESTNEVERPRINTED";
 
 /// moto_server on a free port of 127.0.0.1, stopped on drop.
 struct Moto {
     child: Child,
-    port: u16,
+    address: SocketAddr,
 }
 
 impl Moto {
@@ -34,25 +41,22 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("cannot start moto_server");
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(address).is_err() {
             assert!(Instant::now() < deadline, "moto_server did not listen on port {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Moto { child, port }
+        Moto { child, address }
     }
 
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// GETs a path of the Lambda API. moto does not check signatures, but
-    /// reads the region from the Authorization header.
+    /// GETs a path of the Lambda API in `region`. moto does not check
+    /// signatures, but reads the region from the Authorization header.
     fn get(&self, region: &str, path: &str) -> (u16, Value) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut stream = TcpStream::connect(self.address).unwrap();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20261204/{region}/lambda/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n"
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20261205/{region}/lambda/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).unwrap();
         let mut response = String::new();
@@ -60,6 +64,33 @@ impl Moto {
         let status = response[9..12].parse().unwrap();
         let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// The versions of `layer` in `region`, with their CodeSha256.
+    fn versions(&self, region: &str, layer: &str) -> Vec<(i64, String)> {
+        let (status, list) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions"));
+        assert_eq!(status, 200, "{list}");
+        list["LayerVersions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|version| {
+                (
+                    version["Version"].as_i64().unwrap(),
+                    version["Content"]["CodeSha256"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether version `version` of `layer` has the public read statement.
+    fn is_public(&self, region: &str, layer: &str, version: i64) -> bool {
+        let (status, policy) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions/{version}/policy"));
+        let statement = policy["Policy"].as_str().unwrap_or_default();
+        status == 200 && statement.contains("lambda:GetLayerVersion") && statement.contains("\"*\"")
     }
 }
 
@@ -70,47 +101,91 @@ impl Drop for Moto {
     }
 }
 
-/// Writes a dist directory with two small layers and their manifest.
-fn write_dist(dir: &Path, content: &str) {
-    let mut layers = Vec::new();
-    for (name, architecture) in [("php-82", "x86_64"), ("arm-php-82", "arm64")] {
-        let zip = format!("{name}.zip");
-        let bytes = format!("{content} {name}").into_bytes();
-        fs::write(dir.join(&zip), &bytes).unwrap();
-        let digest = Sha256::digest(&bytes);
-        layers.push(json!({
-            "name": name, "kind": "function", "architecture": architecture, "php_version": "8.2.32",
-            "description": "PHP 8.2.32 for event-driven Lambda functions",
-            "compatible_runtimes": ["provided.al2023"], "compatible_architectures": [architecture],
-            "glibc_max": "2.34", "ld_library_path": "", "loader": "", "zip": zip,
-            "sha256": digest.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-            "code_sha256": base64::engine::general_purpose::STANDARD.encode(digest),
-            "zip_bytes": bytes.len(), "unzipped_bytes": 0,
-            "modules": {"php": [], "zend": []}, "disabled_extensions": {}, "libraries": [],
-        }));
-    }
-    fs::write(dir.join("manifest.json"), json!({ "layers": layers }).to_string()).unwrap();
+/// A layer of the test output directory.
+struct TestLayer {
+    name: &'static str,
+    architecture: &'static str,
+    bytes: Vec<u8>,
 }
 
-fn publish(moto: &Moto, dist: &Path, extra: &[&str]) -> Output {
+impl TestLayer {
+    fn small(name: &'static str, architecture: &'static str, content: &str) -> TestLayer {
+        TestLayer {
+            name,
+            architecture,
+            bytes: format!("{content} {name}").into_bytes(),
+        }
+    }
+
+    fn code_sha256(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&self.bytes))
+    }
+}
+
+/// The two small layers most tests publish.
+fn two_layers(content: &str) -> Vec<TestLayer> {
+    vec![
+        TestLayer::small("php-82", "x86_64", content),
+        TestLayer::small("arm-php-82", "arm64", content),
+    ]
+}
+
+/// Writes the zips and their manifest. `tested` records a passed
+/// acceptance test for each, as `cargo xtask test` does.
+fn write_dist(dir: &Path, layers: &[TestLayer], tested: bool) {
+    let mut entries = Vec::new();
+    for layer in layers {
+        let zip = format!("{}.zip", layer.name);
+        fs::write(dir.join(&zip), &layer.bytes).unwrap();
+        let sha256: String = Sha256::digest(&layer.bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut entry = json!({
+            "name": layer.name, "kind": "function", "architecture": layer.architecture, "php_version": "8.2.32",
+            "description": "PHP 8.2.32 for event-driven Lambda functions",
+            "compatible_runtimes": ["provided.al2023"], "compatible_architectures": [layer.architecture],
+            "glibc_max": "2.34", "ld_library_path": "", "loader": "", "zip": zip,
+            "sha256": sha256, "code_sha256": layer.code_sha256(),
+            "zip_bytes": layer.bytes.len(), "unzipped_bytes": layer.bytes.len(),
+            "modules": {"php": [], "zend": []}, "disabled_extensions": {}, "libraries": [],
+        });
+        if tested {
+            entry["acceptance"] = json!({"zip_sha256": sha256, "passed_at": "2026-12-05T00:00:00Z"});
+        }
+        entries.push(entry);
+    }
+    fs::write(dir.join("manifest.json"), json!({ "layers": entries }).to_string()).unwrap();
+}
+
+/// Runs `cargo xtask publish` against `endpoint` with test credentials and
+/// none of the user's AWS configuration, and checks that the credentials
+/// appear nowhere in its output.
+fn publish(endpoint: &str, dist: &Path, extra: &[&str]) -> Output {
     let output = xtask("publish")
         .arg("--endpoint-url")
-        .arg(moto.endpoint())
+        .arg(endpoint)
         .arg("--out-dir")
         .arg(dist)
         .arg("--table")
         .arg(dist.join("layers.json"))
         .args(extra)
-        // Test credentials only, and none of the user's AWS configuration.
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "trace")
         .output()
         .unwrap();
+    let all = text(&output);
+    assert!(!all.contains(SECRET_KEY), "the secret key was printed:\n{all}");
+    assert!(!all.contains(ACCESS_KEY), "the access key id was printed:\n{all}");
     output
 }
 
@@ -123,76 +198,380 @@ fn text(output: &Output) -> String {
     )
 }
 
-#[test]
-#[ignore = "needs moto: run `cargo xtask test`"]
-fn publish_is_idempotent_across_regions() {
-    let moto = Moto::start();
-    let dist = tempfile::tempdir().unwrap();
-    write_dist(dist.path(), "first");
-    let regions = ["--regions", "us-east-1,eu-west-3"];
+fn table(dist: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(dist.join("layers.json")).unwrap()).unwrap()
+}
 
-    // A dry run publishes nothing: the real run then starts at version 1.
-    let dry = publish(&moto, dist.path(), &[regions[0], regions[1], "--dry-run"]);
-    assert!(dry.status.success(), "{}", text(&dry));
-    assert_eq!(
-        String::from_utf8_lossy(&dry.stdout).matches("would publish").count(),
-        4,
-        "{}",
-        text(&dry)
-    );
-    assert!(!dist.path().join("layers.json").exists(), "a dry run wrote layers.json");
+/// The result line of `layer` in `region` in the summary table.
+fn summary_line(output: &Output, layer: &str, region: &str) -> String {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| {
+            let mut words = line.split_whitespace();
+            words.next() == Some(layer) && words.next() == Some(region)
+        })
+        .unwrap_or_else(|| panic!("no summary line for {layer} in {region}:\n{}", text(output)))
+        .to_string()
+}
 
-    let first = publish(&moto, dist.path(), &regions);
-    assert!(first.status.success(), "{}", text(&first));
-    let table: Value = serde_json::from_str(&fs::read_to_string(dist.path().join("layers.json")).unwrap()).unwrap();
-    assert_eq!(
-        table,
-        json!({"php-82": {"us-east-1": 1, "eu-west-3": 1}, "arm-php-82": {"us-east-1": 1, "eu-west-3": 1}})
-    );
-    let (status, policy) = moto.get("eu-west-3", "/2018-10-31/layers/php-82/versions/1/policy");
-    assert_eq!(status, 200, "{policy}");
-    let statement = policy["Policy"].as_str().unwrap_or_default();
-    assert!(
-        statement.contains("lambda:GetLayerVersion") && statement.contains("\"*\""),
-        "{policy}"
-    );
-
-    // Nothing changed: nothing is published again.
-    let second = publish(&moto, dist.path(), &regions);
-    assert!(second.status.success(), "{}", text(&second));
-    assert_eq!(
-        String::from_utf8_lossy(&second.stdout).matches("up to date").count(),
-        4,
-        "{}",
-        text(&second)
-    );
-    let (_, versions) = moto.get("us-east-1", "/2018-10-31/layers/php-82/versions");
-    assert_eq!(
-        versions["LayerVersions"].as_array().map(Vec::len),
-        Some(1),
-        "{versions}"
-    );
-
-    // New content: version 2 in each region, and the table follows.
-    write_dist(dist.path(), "second");
-    let third = publish(&moto, dist.path(), &["--regions", "us-east-1"]);
-    assert!(third.status.success(), "{}", text(&third));
-    let table: Value = serde_json::from_str(&fs::read_to_string(dist.path().join("layers.json")).unwrap()).unwrap();
-    assert_eq!(table["php-82"]["us-east-1"], 2);
-    assert_eq!(table["php-82"]["eu-west-3"], 1, "a region not touched keeps its entry");
+fn writes(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|record| !record.is_read())
+        .map(|record| format!("{} {}", record.method, record.path))
+        .collect()
 }
 
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
-fn publish_rejects_unknown_region() {
+fn publish_is_idempotent_across_regions() {
     let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
-    write_dist(dist.path(), "first");
-    let output = publish(&moto, dist.path(), &["--regions", "us-east-1,moon-1"]);
-    assert!(!output.status.success(), "{}", text(&output));
+    write_dist(dist.path(), &two_layers("first"), true);
+    let regions = ["--regions", "us-east-1,eu-west-3"];
+
+    // A dry run makes read requests only, and writes no table.
+    let dry = publish(&proxy.endpoint(), dist.path(), &[regions[0], regions[1], "--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout)
+            .matches("would publish (first version)")
+            .count(),
+        4,
+        "{}",
+        text(&dry)
+    );
+    assert_eq!(writes(&proxy.requests()), Vec::<String>::new(), "the dry run wrote");
+    assert!(!proxy.requests().is_empty(), "the dry run made no request at all");
+    assert!(!dist.path().join("layers.json").exists(), "a dry run wrote layers.json");
+
+    let first = publish(&proxy.endpoint(), dist.path(), &regions);
+    assert!(first.status.success(), "{}", text(&first));
+    assert_eq!(
+        table(dist.path()),
+        json!({"php-82": {"us-east-1": 1, "eu-west-3": 1}, "arm-php-82": {"us-east-1": 1, "eu-west-3": 1}})
+    );
+    for region in ["us-east-1", "eu-west-3"] {
+        for layer in two_layers("first") {
+            assert_eq!(moto.versions(region, layer.name), [(1, layer.code_sha256())]);
+            assert!(moto.is_public(region, layer.name, 1), "{} in {region}", layer.name);
+        }
+    }
+
+    // Nothing changed: one read per layer and region, no write.
+    proxy.clear_requests();
+    let second = publish(&proxy.endpoint(), dist.path(), &regions);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout)
+            .matches("up to date (version 1)")
+            .count(),
+        4,
+        "{}",
+        text(&second)
+    );
+    let requests = proxy.requests();
+    assert_eq!(writes(&requests), Vec::<String>::new());
+    assert_eq!(requests.len(), 4, "{requests:?}");
+
+    // New content: version 2 where asked, and the table follows.
+    write_dist(dist.path(), &two_layers("second"), true);
+    let third = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &["--regions", "us-east-1", "--arch", "x86_64"],
+    );
+    assert!(third.status.success(), "{}", text(&third));
+    let table = table(dist.path());
+    assert_eq!(table["php-82"]["us-east-1"], 2);
+    assert_eq!(table["php-82"]["eu-west-3"], 1, "a region not touched keeps its entry");
+    assert_eq!(
+        table["arm-php-82"]["us-east-1"], 1,
+        "a layer not selected keeps its entry"
+    );
+    assert!(moto.is_public("us-east-1", "php-82", 2));
+}
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_survives_injected_faults() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    let layers = two_layers("faults");
+    write_dist(dist.path(), &layers, true);
+    let rule = |method: &str, path: &str, region: &str, fault: Fault, times: usize| Rule {
+        matcher: Match {
+            method: Some(method.to_string()),
+            path_contains: Some(path.to_string()),
+            region: Some(region.to_string()),
+            service: Some("lambda".to_string()),
+        },
+        fault,
+        times,
+    };
+    let status = |status: u16, error_type: &str, retry_after: Option<u32>| Fault::Status {
+        status,
+        error_type: error_type.to_string(),
+        message: format!("injected {status}"),
+        retry_after,
+    };
+    // Throttled reads, asking for a one-second wait.
+    proxy.add_rule(rule(
+        "GET",
+        "/layers/php-82/versions",
+        "us-east-1",
+        status(429, "TooManyRequestsException", Some(1)),
+        2,
+    ));
+    // Server errors on publishing.
+    proxy.add_rule(rule(
+        "POST",
+        "/layers/arm-php-82/versions",
+        "us-east-1",
+        status(503, "ServiceException", None),
+        1,
+    ));
+    proxy.add_rule(rule(
+        "POST",
+        "/layers/php-82/versions",
+        "eu-west-3",
+        status(500, "ServiceException", None),
+        1,
+    ));
+    // A connection reset before moto sees the upload.
+    proxy.add_rule(rule("POST", "/layers/php-82/versions", "us-east-1", Fault::Reset, 1));
+    // Moto publishes, and the answer is lost: a retry must not publish again.
+    proxy.add_rule(rule(
+        "POST",
+        "/layers/arm-php-82/versions",
+        "eu-west-3",
+        Fault::DropResponse,
+        1,
+    ));
+    proxy.add_rule(rule(
+        "POST",
+        "/layers/php-82/versions",
+        "ap-south-1",
+        Fault::DropResponse,
+        1,
+    ));
+    // A body that stops halfway, until the attempt times out.
+    proxy.add_rule(rule(
+        "GET",
+        "/layers/arm-php-82/versions",
+        "ap-south-1",
+        Fault::StallBody,
+        1,
+    ));
+    // The permission fails on every attempt: the pair fails, and the next
+    // run must still make the version public.
+    proxy.add_rule(rule(
+        "POST",
+        "/layers/arm-php-82/versions/1/policy",
+        "ap-south-1",
+        status(500, "ServiceException", None),
+        100,
+    ));
+    // An opt-in region the account has not enabled.
+    proxy.add_rule(Rule {
+        matcher: Match {
+            region: Some("ap-east-1".to_string()),
+            ..Match::default()
+        },
+        fault: status(403, "UnrecognizedClientException", None),
+        times: 1000,
+    });
+
+    let regions = "us-east-1,eu-west-3,ap-south-1,ap-east-1,moon-1";
+    let first = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &["--regions", regions, "--timeout", "3"],
+    );
+    assert!(!first.status.success(), "{}", text(&first));
+    let good = ["us-east-1", "eu-west-3", "ap-south-1"];
+    for region in good {
+        for layer in &layers {
+            assert_eq!(
+                moto.versions(region, layer.name),
+                [(1, layer.code_sha256())],
+                "{} in {region}:\n{}",
+                layer.name,
+                text(&first)
+            );
+        }
+    }
+    for layer in ["php-82", "arm-php-82"] {
+        let line = summary_line(&first, layer, "us-east-1");
+        assert!(line.contains("published (version 1)"), "{line}");
+        let line = summary_line(&first, layer, "ap-east-1");
+        assert!(line.contains("opt-in region") && line.contains("not enabled"), "{line}");
+        let line = summary_line(&first, layer, "moon-1");
+        assert!(line.contains("unknown region moon-1"), "{line}");
+    }
+    let line = summary_line(&first, "arm-php-82", "ap-south-1");
+    assert!(line.contains("failed") && line.contains("ServiceException"), "{line}");
+    // Retries are counted in the summary: 2 throttles + 1 reset.
+    let line = summary_line(&first, "php-82", "us-east-1");
+    assert_eq!(line.split_whitespace().nth(2), Some("3"), "{line}");
+
+    // The throttled read waited for its Retry-After.
+    let requests = proxy.requests();
+    let throttled: Vec<&Record> = requests
+        .iter()
+        .filter(|record| {
+            record.method == "GET"
+                && record.path.contains("/layers/php-82/versions")
+                && record.region.as_deref() == Some("us-east-1")
+        })
+        .collect();
+    assert!(throttled.len() >= 3, "{throttled:?}");
+    assert_eq!(throttled[0].status, Some(429));
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("unknown region moon-1"),
+        throttled[1].received.duration_since(throttled[0].received) >= Duration::from_secs(1),
+        "{throttled:?}"
+    );
+    let faults: Vec<&str> = requests.iter().filter_map(|record| record.fault.as_deref()).collect();
+    for expected in ["reset", "drop_response", "stall_body"] {
+        assert!(faults.iter().any(|fault| fault.contains(expected)), "{faults:?}");
+    }
+
+    let table = self::table(dist.path());
+    assert_eq!(table["php-82"].as_object().unwrap().len(), 3, "{table}");
+    assert!(table["arm-php-82"].get("ap-south-1").is_none(), "{table}");
+    assert!(!moto.is_public("ap-south-1", "arm-php-82", 1));
+
+    // Without faults, a second run publishes nothing new and finishes the
+    // permission the first run could not add.
+    let proxy_again = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let second = publish(
+        &proxy_again.endpoint(),
+        dist.path(),
+        &["--regions", "us-east-1,eu-west-3,ap-south-1", "--json"],
+    );
+    assert!(second.status.success(), "{}", text(&second));
+    let summary: Value =
+        serde_json::from_slice(&second.stdout).unwrap_or_else(|error| panic!("{error}\n{}", text(&second)));
+    assert_eq!(summary["failed"], 0);
+    let pairs = summary["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 6, "{summary}");
+    assert!(
+        pairs
+            .iter()
+            .all(|pair| pair["result"] == "up-to-date" && pair["version"] == 1),
+        "{summary}"
+    );
+    assert_eq!(
+        writes(&proxy_again.requests()),
+        ["POST /2018-10-31/layers/arm-php-82/versions/1/policy"]
+    );
+    assert!(moto.is_public("ap-south-1", "arm-php-82", 1));
+    for region in good {
+        for layer in &layers {
+            assert_eq!(moto.versions(region, layer.name).len(), 1);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_rejects_untested_zips() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    write_dist(dist.path(), &two_layers("untested"), false);
+    let output = publish(&proxy.endpoint(), dist.path(), &["--regions", "us-east-1"]);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no acceptance test has passed") && stderr.contains("--skip-tests-check"),
         "{}",
         text(&output)
     );
+    assert!(proxy.requests().is_empty(), "requests before the check");
+
+    let skipped = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &[
+            "--regions",
+            "us-east-1",
+            "--skip-tests-check",
+            "--private",
+            "--layer-prefix",
+            "acme-",
+        ],
+    );
+    assert!(skipped.status.success(), "{}", text(&skipped));
+    assert_eq!(moto.versions("us-east-1", "acme-php-82").len(), 1);
+    assert!(
+        !moto.is_public("us-east-1", "acme-php-82", 1),
+        "--private made it public"
+    );
+}
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_uploads_large_zips_through_s3() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    // Over 50 MB, and not all one byte.
+    let bytes: Vec<u8> = (0..51 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let layer = TestLayer {
+        name: "php-82-fpm",
+        architecture: "x86_64",
+        bytes,
+    };
+    write_dist(dist.path(), std::slice::from_ref(&layer), true);
+
+    let refused = publish(&proxy.endpoint(), dist.path(), &["--regions", "eu-west-3"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--s3-bucket-prefix"),
+        "{}",
+        text(&refused)
+    );
+
+    // A 503 on the first upload is retried.
+    proxy.add_rule(Rule {
+        matcher: Match {
+            method: Some("PUT".to_string()),
+            service: Some("s3".to_string()),
+            path_contains: Some(".zip".to_string()),
+            ..Match::default()
+        },
+        fault: Fault::Status {
+            status: 503,
+            error_type: "SlowDown".to_string(),
+            message: "injected 503".to_string(),
+            retry_after: None,
+        },
+        times: 1,
+    });
+    let args = ["--regions", "eu-west-3,us-east-1", "--s3-bucket-prefix", "acme-layers"];
+    let output = publish(&proxy.endpoint(), dist.path(), &args);
+    assert!(output.status.success(), "{}", text(&output));
+    for region in ["eu-west-3", "us-east-1"] {
+        assert_eq!(moto.versions(region, "php-82-fpm"), [(1, layer.code_sha256())]);
+    }
+    let requests = proxy.requests();
+    let created: Vec<&Record> = requests
+        .iter()
+        .filter(|record| {
+            let path = record.path.split('?').next().unwrap_or_default();
+            record.method == "PUT" && path.trim_end_matches('/') == "/acme-layers-eu-west-3"
+        })
+        .collect();
+    assert_eq!(created.len(), 1, "{requests:?}");
+
+    // Run again: nothing is uploaded.
+    proxy.clear_requests();
+    let again = publish(&proxy.endpoint(), dist.path(), &args);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(writes(&proxy.requests()), Vec::<String>::new());
 }

@@ -43,6 +43,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         page.push_str(&crate::bench_runtime::render(&figures));
     }
+    if args.runs(Benchmark::Publish) {
+        let figures = crate::bench_publish::measure(&cache_dir)?;
+        if !page.ends_with("\n\n") {
+            page.push('\n');
+        }
+        page.push_str(&crate::bench_publish::render(&figures));
+    }
     let page = merge_sections(&old_page, &page);
     fs::write(&path, page).with_context(|| format!("failed to write {}", path.display()))?;
     eprintln!("bench: wrote {}", path.display());
@@ -135,9 +142,9 @@ fn render_header(jobs: usize) -> String {
     let _ = writeln!(page, "# Benchmarks\n");
     let _ = writeln!(
         page,
-        "Written by `cargo xtask bench` (`--only compile` or `--only runtime` for\n\
-         one section): wall times of one run on the machine below. They vary\n\
-         from run to run, so compare figures of the same run.\n"
+        "Written by `cargo xtask bench` (`--only compile`, `--only runtime` or\n\
+         `--only publish` for one section): wall times of one run on the machine\n\
+         below. They vary from run to run, so compare figures of the same run.\n"
     );
     let _ = writeln!(page, "## Machine\n");
     let _ = writeln!(page, "- CPU: {}", cpu_model());

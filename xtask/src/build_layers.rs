@@ -67,6 +67,19 @@ pub struct ManifestLayer {
     /// Shared extensions that ship disabled, with their file names.
     pub disabled_extensions: BTreeMap<String, String>,
     pub libraries: Vec<LibraryRecord>,
+    /// The last passed acceptance test of this zip, which `cargo xtask
+    /// publish` requires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceptance: Option<Acceptance>,
+}
+
+/// A passed run of `cargo xtask test` over a zip.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Acceptance {
+    /// The sha256 (hex) of the zip the tests passed on.
+    pub zip_sha256: String,
+    /// When, in RFC 3339 UTC.
+    pub passed_at: String,
 }
 
 /// The module names of `php -m`, split in its two sections.
@@ -225,6 +238,7 @@ fn build_arch(
                 modules: definitions.extensions.expected_modules(&[]).into(),
                 disabled_extensions,
                 libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
+                acceptance: None,
             });
         }
     }
@@ -369,23 +383,44 @@ fn write_layer(name: &str, entries: &[Entry], zip_path: &Path) -> Result<ZipSumm
 }
 
 /// Writes manifest.json, keeping the entries of layers this run did not
-/// build as long as their zip is still there.
+/// build as long as their zip is still there. A rebuilt zip identical to
+/// the one before keeps its acceptance record.
 fn write_manifest(out_dir: &Path, built: &[ManifestLayer]) -> Result<()> {
+    let mut manifest = read_manifest(out_dir);
+    let mut built = built.to_vec();
+    for new in &mut built {
+        let passed = manifest
+            .layers
+            .iter()
+            .find(|old| old.name == new.name)
+            .and_then(|old| old.acceptance.clone())
+            .filter(|acceptance| acceptance.zip_sha256 == new.sha256);
+        new.acceptance = passed;
+    }
+    manifest
+        .layers
+        .retain(|old| !built.iter().any(|new| new.name == old.name) && out_dir.join(&old.zip).exists());
+    manifest.layers.extend(built);
+    manifest.layers.sort_by(|a, b| a.name.cmp(&b.name));
+    save_manifest(out_dir, &manifest)
+}
+
+/// Reads manifest.json, or an empty manifest when there is none or it
+/// cannot be read (with a warning).
+fn read_manifest(out_dir: &Path) -> Manifest {
     let path = out_dir.join(MANIFEST_NAME);
-    let mut manifest: Manifest = match fs::read_to_string(&path) {
+    match fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).unwrap_or_else(|error| {
             eprintln!("warning: ignoring the unreadable {}: {error}", path.display());
             Manifest::default()
         }),
         Err(_) => Manifest::default(),
-    };
-    manifest
-        .layers
-        .retain(|old| !built.iter().any(|new| new.name == old.name) && out_dir.join(&old.zip).exists());
-    manifest.layers.extend(built.iter().cloned());
-    manifest.layers.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+}
 
-    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+fn save_manifest(out_dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = out_dir.join(MANIFEST_NAME);
+    let text = serde_json::to_string_pretty(manifest)? + "\n";
     let temporary = tempfile::NamedTempFile::new_in(out_dir)?;
     fs::write(temporary.path(), text)?;
     archive::make_world_readable(temporary.path())?;
@@ -393,6 +428,26 @@ fn write_manifest(out_dir: &Path, built: &[ManifestLayer]) -> Result<()> {
         .persist(&path)
         .with_context(|| format!("failed to write {}", path.display()))?;
     Ok(())
+}
+
+/// Records that the acceptance tests passed on every zip of the manifest
+/// whose content is still the one listed (`zip_hashes`: name → sha256 hex
+/// of the zip when the tests started).
+pub fn record_acceptance(out_dir: &Path, zip_hashes: &BTreeMap<String, String>) -> Result<usize> {
+    let mut manifest = read_manifest(out_dir);
+    let passed_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut recorded = 0;
+    for layer in &mut manifest.layers {
+        if zip_hashes.get(&layer.name) == Some(&layer.sha256) {
+            layer.acceptance = Some(Acceptance {
+                zip_sha256: layer.sha256.clone(),
+                passed_at: passed_at.clone(),
+            });
+            recorded += 1;
+        }
+    }
+    save_manifest(out_dir, &manifest)?;
+    Ok(recorded)
 }
 
 fn print_summary(built: &[ManifestLayer], out_dir: &Path) {

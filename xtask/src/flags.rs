@@ -122,15 +122,26 @@ pub struct PublishArgs {
     #[arg(long, value_delimiter = ',', required = true, value_name = "REGIONS")]
     pub regions: Vec<String>,
 
+    /// Publish only the layers of this PHP version (major.minor). Repeat
+    /// for several.
+    #[arg(long = "php", value_name = "VERSION")]
+    pub php: Vec<PhpMinor>,
+
     /// Publish only the layers of this architecture. Repeat for several.
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub arch: Vec<Arch>,
+
+    /// Publish only the layers of this kind. Repeat for several.
+    #[arg(long = "layer", value_enum, value_name = "KIND")]
+    pub layer: Vec<LayerKind>,
 
     /// Text put before every layer name, to publish under your own names.
     #[arg(long, default_value = "", value_name = "PREFIX")]
     pub layer_prefix: String,
 
-    /// Do not make the versions publicly readable.
+    /// Do not make the versions publicly readable. layers.json lists
+    /// public versions, so a private run leaves it alone unless --table
+    /// is given.
     #[arg(long)]
     pub private: bool,
 
@@ -138,21 +149,46 @@ pub struct PublishArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub concurrency: usize,
+    /// Publish zips whose acceptance test has not passed (`cargo xtask
+    /// test` records a pass in manifest.json).
+    #[arg(long)]
+    pub skip_tests_check: bool,
+
+    /// Requests in flight at once. Each publish request carries a whole
+    /// zip, so on a laptop's uplink a few uploads already fill the line;
+    /// 8 keeps it busy while other requests wait on Lambda's answers,
+    /// and stays far below Lambda's request rate limits.
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+
+    /// Seconds an attempt of a request may take before it is abandoned and
+    /// tried again. Uploads get one more second per 256 KiB of zip.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+
+    /// Bucket name prefix for zips over 50 MB, which Lambda only takes
+    /// from S3: the bucket of each region is PREFIX-REGION, created when
+    /// missing.
+    #[arg(long, value_name = "PREFIX")]
+    pub s3_bucket_prefix: Option<String>,
 
     /// AWS profile for the credentials. [default: the usual AWS variables and files]
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
 
-    /// Lambda endpoint to call instead of AWS's, such as a local emulator.
+    /// AWS endpoint to call instead of AWS's, for Lambda and S3, such as a
+    /// local emulator.
     #[arg(long, value_name = "URL")]
     pub endpoint_url: Option<String>,
 
-    /// The version table to update. [default: layers.json in the project]
+    /// The version table to update. Its entries are taken as public
+    /// versions. [default: layers.json in the project]
     #[arg(long, value_name = "FILE")]
     pub table: Option<PathBuf>,
+
+    /// Print the summary as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -165,6 +201,9 @@ pub enum Benchmark {
     Compile,
     /// Cold start and warm overhead of the function and FPM runtimes.
     Runtime,
+    /// `cargo xtask publish` against moto through a proxy with added
+    /// latency: time against the ideal, and requests per layer and region.
+    Publish,
 }
 
 impl BenchArgs {

@@ -1,0 +1,825 @@
+//! `cargo xtask publish`: makes the zips in `dist/` public Lambda layer
+//! versions in many regions, and records the versions in `layers.json`.
+//!
+//! PublishLayerVersion is not idempotent: a retry after a lost response
+//! would create a second version. So the task reads the layer's newest
+//! version first and compares its digest with the zip's, and after a
+//! failed publish attempt it reads again before trying once more.
+
+mod aws;
+mod progress;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::build_layers::{Manifest, ManifestLayer, MANIFEST_NAME};
+use crate::flags::PublishArgs;
+use crate::project_root;
+use aws::{Clients, Content, Failure, Latest, PublishRequest, ATTEMPTS, DIGEST_MARKER};
+use progress::Progress;
+
+/// Largest zip PublishLayerVersion takes inline.
+pub const INLINE_LIMIT: u64 = 50 * 1024 * 1024;
+
+/// Largest unzipped size of a layer Lambda accepts.
+const UNZIPPED_LIMIT: u64 = 250 * 1024 * 1024;
+
+/// License of the PHP interpreter, the bulk of every layer.
+const LICENSE: &str = "PHP-3.01";
+
+/// Error codes Lambda answers in an opt-in region the account has not
+/// enabled: the region does not know the account's credentials.
+const NOT_ENABLED_CODES: &[&str] = &["UnrecognizedClientException", "InvalidClientTokenId", "AuthFailure"];
+
+/// The regions of `layers/regions.toml`.
+#[derive(Debug, Deserialize)]
+pub struct Regions {
+    pub enabled: Vec<String>,
+    pub opt_in: Vec<String>,
+}
+
+/// The regions `--regions` names: the known ones, and the names not in
+/// the list, which are reported as failed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub known: Vec<String>,
+    pub unknown: Vec<String>,
+}
+
+impl Regions {
+    pub fn load(path: &Path) -> Result<Regions> {
+        let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
+    }
+
+    /// Expands `all` and sorts the other names into known and unknown.
+    pub fn select(&self, requested: &[String]) -> Selection {
+        let mut selection = Selection {
+            known: Vec::new(),
+            unknown: Vec::new(),
+        };
+        for name in requested {
+            if name == "all" {
+                selection.known.extend(self.enabled.iter().chain(&self.opt_in).cloned());
+            } else if self.enabled.contains(name) || self.opt_in.contains(name) {
+                selection.known.push(name.clone());
+            } else {
+                selection.unknown.push(name.clone());
+            }
+        }
+        for list in [&mut selection.known, &mut selection.unknown] {
+            list.sort();
+            list.dedup();
+        }
+        selection
+    }
+}
+
+/// The result for one layer in one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Published(i64),
+    UpToDate(i64),
+    /// `--dry-run`: the layer would be published, replacing this version.
+    WouldPublish(Option<i64>),
+    Failed(String),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Published(version) => write!(f, "published (version {version})"),
+            Outcome::UpToDate(version) => write!(f, "up to date (version {version})"),
+            Outcome::WouldPublish(None) => write!(f, "would publish (first version)"),
+            Outcome::WouldPublish(Some(version)) => write!(f, "would publish (after version {version})"),
+            Outcome::Failed(reason) => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
+/// What happened to one layer in one region.
+#[derive(Debug, Clone)]
+pub struct PairReport {
+    pub layer: String,
+    pub region: String,
+    pub outcome: Outcome,
+    /// Requests that failed and were tried again.
+    pub retries: u32,
+}
+
+/// A zip of the output directory, checked and ready to publish.
+#[derive(Debug, Clone)]
+struct LocalLayer {
+    /// The name in Lambda, with the prefix.
+    name: String,
+    layer: ManifestLayer,
+    zip: PathBuf,
+}
+
+/// Checks a layer name as Lambda does: 1 to 140 letters, digits, `-` or `_`.
+pub fn check_layer_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 140
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        bail!("invalid layer name {name:?}: use 1 to 140 letters, digits, '-' or '_'");
+    }
+    Ok(())
+}
+
+/// Checks that `PREFIX-REGION` is a valid S3 bucket name for every region.
+pub fn check_bucket_prefix(prefix: &str) -> Result<()> {
+    let longest = bucket_name(prefix, "ap-southeast-5");
+    let valid = prefix.len() >= 3
+        && longest.len() <= 63
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !prefix.contains("..");
+    if !valid {
+        bail!(
+            "invalid --s3-bucket-prefix {prefix:?}: use 3 to 48 lowercase letters, digits, '-' or '.', \
+             starting with a letter or digit, so that PREFIX-REGION is a bucket name"
+        );
+    }
+    Ok(())
+}
+
+/// The bucket of `region` for zips over the inline limit.
+fn bucket_name(prefix: &str, region: &str) -> String {
+    format!("{prefix}-{region}")
+}
+
+pub fn run(args: &PublishArgs) -> Result<()> {
+    let project = project_root();
+    let dist = args.common.out_dir(&project);
+    let regions = Regions::load(&project.join("layers/regions.toml"))?;
+    let selection = regions.select(&args.regions);
+    let layers = local_layers(args, &dist)?;
+    // layers.json lists public versions: a private run updates a table
+    // only when --table names one.
+    let table_path = match (&args.table, args.private) {
+        (Some(path), _) => Some(path.clone()),
+        (None, false) => Some(project.join("layers.json")),
+        (None, true) => None,
+    };
+    let recorded = match &table_path {
+        Some(path) => read_table(path)?,
+        None => Table::new(),
+    };
+
+    eprintln!(
+        "publish: {} layers to {} regions, {} requests at a time{}",
+        layers.len(),
+        selection.known.len(),
+        args.concurrency,
+        if args.dry_run {
+            " (dry run: read requests only)"
+        } else {
+            ""
+        }
+    );
+    let started = Instant::now();
+    let names: Vec<String> = layers.iter().map(|layer| layer.name.clone()).collect();
+    let progress = Arc::new(Progress::new(&names, selection.known.len()));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut reports = runtime.block_on(publish_all(
+        args,
+        &layers,
+        &selection.known,
+        &regions,
+        recorded,
+        progress.clone(),
+    ))?;
+    progress.finish();
+    for region in &selection.unknown {
+        for layer in &layers {
+            reports.push(PairReport {
+                layer: layer.name.clone(),
+                region: region.clone(),
+                outcome: Outcome::Failed(format!(
+                    "unknown region {region}: layers/regions.toml lists the regions where Lambda runs"
+                )),
+                retries: 0,
+            });
+        }
+    }
+    reports.sort_by(|a, b| (&a.layer, &a.region).cmp(&(&b.layer, &b.region)));
+
+    let written = table_path.filter(|_| !args.dry_run);
+    if let Some(path) = &written {
+        write_table(path, &reports)?;
+    }
+    if args.json {
+        print_json(&reports, written.as_ref())?;
+    } else {
+        print_summary(&reports);
+    }
+    let failed = reports
+        .iter()
+        .filter(|report| matches!(report.outcome, Outcome::Failed(_)))
+        .count();
+    eprintln!(
+        "publish: done in {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        match &written {
+            Some(path) => format!("; versions written to {}", path.display()),
+            None => String::new(),
+        }
+    );
+    if failed > 0 {
+        bail!("{failed} layer and region pairs failed; run the task again to publish only what is missing");
+    }
+    Ok(())
+}
+
+/// Reads the manifest and checks every selected zip before any request:
+/// its name, its size, its digest, and its acceptance test.
+fn local_layers(args: &PublishArgs, dist: &Path) -> Result<Vec<LocalLayer>> {
+    let manifest_path = dist.join(MANIFEST_NAME);
+    let text = fs::read_to_string(&manifest_path).with_context(|| {
+        format!(
+            "cannot read {}: run `cargo xtask build-layers` first",
+            manifest_path.display()
+        )
+    })?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("invalid {}", manifest_path.display()))?;
+    if let Some(prefix) = &args.s3_bucket_prefix {
+        check_bucket_prefix(prefix)?;
+    }
+
+    let mut layers = Vec::new();
+    for layer in manifest.layers {
+        let selected = (args.arch.is_empty() || args.arch.contains(&layer.architecture))
+            && (args.layer.is_empty() || args.layer.contains(&layer.kind))
+            && (args.php.is_empty()
+                || args
+                    .php
+                    .iter()
+                    .any(|php| layer.php_version.starts_with(&format!("{php}."))));
+        if !selected {
+            continue;
+        }
+        let name = format!("{}{}", args.layer_prefix, layer.name);
+        check_layer_name(&name)?;
+        check_sizes(&layer, args.s3_bucket_prefix.is_some())?;
+        let zip = dist.join(&layer.zip);
+        let digest = crate::sources::sha256_file(&zip)
+            .with_context(|| format!("{} is missing: run `cargo xtask build-layers` again", zip.display()))?;
+        if digest != layer.sha256 {
+            bail!(
+                "{} changed since {MANIFEST_NAME} was written (sha256 {digest}, the manifest says {}): \
+                 run `cargo xtask build-layers` again",
+                zip.display(),
+                layer.sha256
+            );
+        }
+        if !args.skip_tests_check {
+            check_acceptance(&layer)?;
+        }
+        layers.push(LocalLayer { name, layer, zip });
+    }
+    if layers.is_empty() {
+        bail!(
+            "no layer in {} matches --php, --arch and --layer",
+            manifest_path.display()
+        );
+    }
+    Ok(layers)
+}
+
+/// Refuses zips Lambda would refuse, before any upload.
+fn check_sizes(layer: &ManifestLayer, have_bucket: bool) -> Result<()> {
+    if layer.unzipped_bytes > UNZIPPED_LIMIT {
+        bail!(
+            "{} unzips to {} bytes, over the {UNZIPPED_LIMIT} bytes Lambda allows for a function and its layers",
+            layer.zip,
+            layer.unzipped_bytes
+        );
+    }
+    if layer.zip_bytes > INLINE_LIMIT && !have_bucket {
+        bail!(
+            "{} is {} bytes, over the {INLINE_LIMIT} bytes Lambda takes in the request: \
+             give --s3-bucket-prefix to upload it through an S3 bucket in each region",
+            layer.zip,
+            layer.zip_bytes
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a zip whose acceptance test has not passed since it was built.
+fn check_acceptance(layer: &ManifestLayer) -> Result<()> {
+    match &layer.acceptance {
+        Some(acceptance) if acceptance.zip_sha256 == layer.sha256 => Ok(()),
+        Some(_) => bail!(
+            "the acceptance tests passed for an earlier build of {}, not for this one: \
+             run `cargo xtask test --no-build`, or give --skip-tests-check",
+            layer.zip
+        ),
+        None => bail!(
+            "no acceptance test has passed for {}: run `cargo xtask test --no-build`, or give --skip-tests-check",
+            layer.zip
+        ),
+    }
+}
+
+/// What every pair of a run shares.
+struct Shared {
+    dry_run: bool,
+    private: bool,
+    s3_bucket_prefix: Option<String>,
+    /// The versions layers.json held when the run started.
+    recorded: Table,
+    opt_in: Vec<String>,
+    progress: Arc<Progress>,
+    semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+async fn publish_all(
+    args: &PublishArgs,
+    layers: &[LocalLayer],
+    regions: &[String],
+    known: &Regions,
+    recorded: Table,
+    progress: Arc<Progress>,
+) -> Result<Vec<PairReport>> {
+    let settings = aws::Settings {
+        endpoint: args.endpoint_url.clone(),
+        profile: args.profile.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let config = aws::shared_config(&settings).await;
+    let shared = Arc::new(Shared {
+        dry_run: args.dry_run,
+        private: args.private,
+        s3_bucket_prefix: args.s3_bucket_prefix.clone(),
+        recorded,
+        opt_in: known.opt_in.clone(),
+        progress,
+        semaphore: Arc::new(tokio::sync::Semaphore::new(usize::from(args.concurrency))),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for region in regions {
+        let clients = Clients::new(&config, region, &settings);
+        for layer in layers {
+            let pair = Pair {
+                clients: clients.clone(),
+                local: layer.clone(),
+                region: region.clone(),
+                shared: shared.clone(),
+                retries: 0,
+            };
+            tasks.spawn(pair.run());
+        }
+    }
+    let mut reports = Vec::new();
+    while let Some(report) = tasks.join_next().await {
+        let report = report.context("a publish task panicked")?;
+        shared.progress.finished(&report);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// One layer in one region.
+struct Pair {
+    clients: Clients,
+    local: LocalLayer,
+    region: String,
+    shared: Arc<Shared>,
+    retries: u32,
+}
+
+impl Pair {
+    async fn run(mut self) -> PairReport {
+        let outcome = match self.publish().await {
+            Ok(outcome) => outcome,
+            Err(failure) => Outcome::Failed(self.explain(failure)),
+        };
+        PairReport {
+            layer: self.local.name.clone(),
+            region: self.region.clone(),
+            outcome,
+            retries: self.retries,
+        }
+    }
+
+    /// Publishes the layer unless its newest version has the zip's content.
+    async fn publish(&mut self) -> Result<Outcome, Failure> {
+        let name = self.local.name.clone();
+        let digest = self.local.layer.code_sha256.clone();
+        let latest = self.latest().await?;
+        if let Some(latest) = &latest {
+            if latest.code_sha256 == digest {
+                self.ensure_public(latest.version).await?;
+                return Ok(Outcome::UpToDate(latest.version));
+            }
+        }
+        if self.shared.dry_run {
+            return Ok(Outcome::WouldPublish(latest.map(|latest| latest.version)));
+        }
+
+        let content = self.content().await?;
+        let description = format!("{}, {DIGEST_MARKER}{digest}", self.local.layer.description);
+        let request = PublishRequest {
+            name: &name,
+            description: &description,
+            architecture: self.local.layer.architecture,
+            license: LICENSE,
+            content,
+            bytes: self.local.layer.zip_bytes,
+        };
+        let mut attempt = 0;
+        let published = loop {
+            attempt += 1;
+            let result = {
+                let _slot = self.shared.semaphore.acquire().await;
+                self.clients.publish(&request).await
+            };
+            let failure = match result {
+                Ok(published) => break published,
+                Err(failure) => failure,
+            };
+            if !failure.retryable || attempt >= ATTEMPTS {
+                return Err(failure);
+            }
+            self.wait("PublishLayerVersion", &failure, attempt).await;
+            // The version may exist although its response was lost.
+            let found = self.latest().await?;
+            if let Some(found) = found.filter(|found| found.code_sha256 == digest) {
+                self.shared.progress.step(
+                    &name,
+                    &self.region,
+                    &format!("version {} exists: the failed attempt had published it", found.version),
+                );
+                break found;
+            }
+        };
+        if published.code_sha256 != digest {
+            return Err(Failure::permanent(format!(
+                "Lambda computed CodeSha256 {} for version {}, but the zip's is {digest}; the version is left private",
+                published.code_sha256, published.version
+            )));
+        }
+        if !self.shared.private {
+            self.make_public(published.version).await?;
+        }
+        Ok(Outcome::Published(published.version))
+    }
+
+    /// Makes an existing version public, unless this run is private or
+    /// layers.json already records the version (a run records a version
+    /// only after it is made public).
+    async fn ensure_public(&mut self, version: i64) -> Result<(), Failure> {
+        let recorded = self
+            .shared
+            .recorded
+            .get(&self.local.name)
+            .and_then(|regions| regions.get(&self.region));
+        if self.shared.dry_run || self.shared.private || recorded == Some(&version) {
+            return Ok(());
+        }
+        self.make_public(version).await
+    }
+
+    /// The zip itself, or for a large one, its S3 object after the upload.
+    async fn content(&mut self) -> Result<Content, Failure> {
+        let layer = &self.local.layer;
+        if layer.zip_bytes <= INLINE_LIMIT {
+            let bytes = tokio::fs::read(&self.local.zip)
+                .await
+                .map_err(|error| Failure::permanent(format!("cannot read {}: {error}", self.local.zip.display())))?;
+            return Ok(Content::Inline(bytes));
+        }
+        let Some(prefix) = self.shared.s3_bucket_prefix.clone() else {
+            return Err(Failure::permanent(
+                "no --s3-bucket-prefix for a zip over 50 MB".to_string(),
+            ));
+        };
+        let bucket = bucket_name(&prefix, &self.region);
+        let key = format!("{}/{}.zip", self.local.name, layer.sha256);
+        let (zip, bytes, sha256) = (self.local.zip.clone(), layer.zip_bytes, layer.code_sha256.clone());
+        let region = self.region.clone();
+        self.request("CreateBucket", |clients| {
+            let (bucket, region) = (bucket.clone(), region.clone());
+            async move { clients.ensure_bucket(&bucket, &region).await }
+        })
+        .await?;
+        self.shared.progress.step(
+            &self.local.name,
+            &self.region,
+            &format!("uploading to s3://{bucket}/{key}"),
+        );
+        self.request("PutObject", |clients| {
+            let (bucket, key, zip, sha256) = (bucket.clone(), key.clone(), zip.clone(), sha256.clone());
+            async move { clients.upload(&bucket, &key, &zip, bytes, &sha256).await }
+        })
+        .await?;
+        Ok(Content::S3 { bucket, key })
+    }
+
+    /// Runs `request` until it succeeds, fails for good, or runs out of
+    /// attempts. Each attempt holds a concurrency slot; the waits between
+    /// them do not.
+    async fn request<T, Fut>(&mut self, operation: &str, mut request: impl FnMut(Clients) -> Fut) -> Result<T, Failure>
+    where
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = {
+                let _slot = self.shared.semaphore.acquire().await;
+                request(self.clients.clone()).await
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(failure) if failure.retryable && attempt < ATTEMPTS => {
+                    self.wait(operation, &failure, attempt).await
+                }
+                Err(failure) => return Err(failure),
+            }
+        }
+    }
+
+    async fn wait(&mut self, operation: &str, failure: &Failure, attempt: u32) {
+        self.retries += 1;
+        let wait = aws::backoff(attempt, failure.retry_after);
+        self.shared
+            .progress
+            .retrying(&self.local.name, &self.region, operation, failure, attempt, wait);
+        tokio::time::sleep(wait).await;
+    }
+
+    async fn latest(&mut self) -> Result<Option<Latest>, Failure> {
+        let name = self.local.name.clone();
+        self.request("ListLayerVersions", |clients| {
+            let name = name.clone();
+            async move { clients.latest(&name).await }
+        })
+        .await
+    }
+
+    async fn make_public(&mut self, version: i64) -> Result<(), Failure> {
+        let name = self.local.name.clone();
+        self.request("AddLayerVersionPermission", |clients| {
+            let name = name.clone();
+            async move { clients.make_public(&name, version).await }
+        })
+        .await
+    }
+
+    /// The reason shown for a failure, with a hint where one helps.
+    fn explain(&self, failure: Failure) -> String {
+        let not_enabled = failure
+            .code
+            .as_deref()
+            .is_some_and(|code| NOT_ENABLED_CODES.contains(&code));
+        if not_enabled && self.shared.opt_in.contains(&self.region) {
+            return format!(
+                "{} is an opt-in region, and this account has probably not enabled it: enable it in the \
+                 account settings, or leave it out of --regions ({})",
+                self.region, failure.message
+            );
+        }
+        if failure.retryable {
+            return format!("{} (after {ATTEMPTS} attempts)", failure.message);
+        }
+        failure.message
+    }
+}
+
+/// Layer name → region → version, the shape of `layers.json`.
+type Table = BTreeMap<String, BTreeMap<String, i64>>;
+
+fn read_table(path: &Path) -> Result<Table> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Table::new()),
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Merges the versions of `reports` into the table at `path`; regions not
+/// touched keep their entry. Written atomically.
+pub fn write_table(path: &Path, reports: &[PairReport]) -> Result<()> {
+    let mut table = read_table(path)?;
+    for report in reports {
+        if let Outcome::Published(version) | Outcome::UpToDate(version) = report.outcome {
+            table
+                .entry(report.layer.clone())
+                .or_default()
+                .insert(report.region.clone(), version);
+        }
+    }
+    let partial = crate::process::partial_path(path);
+    fs::write(&partial, serde_json::to_string_pretty(&table)? + "\n")
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn print_summary(reports: &[PairReport]) {
+    let width = reports
+        .iter()
+        .map(|report| report.layer.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!("{:<width$}  {:<16}  {:>7}  result", "layer", "region", "retries");
+    for report in reports {
+        println!(
+            "{:<width$}  {:<16}  {:>7}  {}",
+            report.layer, report.region, report.retries, report.outcome
+        );
+    }
+    let count = |wanted: fn(&Outcome) -> bool| reports.iter().filter(|report| wanted(&report.outcome)).count();
+    println!(
+        "{} published, {} up to date, {} to publish, {} failed",
+        count(|outcome| matches!(outcome, Outcome::Published(_))),
+        count(|outcome| matches!(outcome, Outcome::UpToDate(_))),
+        count(|outcome| matches!(outcome, Outcome::WouldPublish(_))),
+        count(|outcome| matches!(outcome, Outcome::Failed(_))),
+    );
+}
+
+fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
+    let pairs: Vec<_> = reports
+        .iter()
+        .map(|report| {
+            let (result, version, reason) = match &report.outcome {
+                Outcome::Published(version) => ("published", Some(*version), None),
+                Outcome::UpToDate(version) => ("up-to-date", Some(*version), None),
+                Outcome::WouldPublish(version) => ("would-publish", *version, None),
+                Outcome::Failed(reason) => ("failed", None, Some(reason.clone())),
+            };
+            json!({
+                "layer": report.layer,
+                "region": report.region,
+                "result": result,
+                "version": version,
+                "retries": report.retries,
+                "reason": reason,
+            })
+        })
+        .collect();
+    let failed = reports
+        .iter()
+        .filter(|report| matches!(report.outcome, Outcome::Failed(_)))
+        .count();
+    let summary = json!({ "pairs": pairs, "failed": failed, "table": table });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_are_checked() {
+        check_layer_name("php-82").unwrap();
+        check_layer_name("arm-php-82_fpm").unwrap();
+        assert!(check_layer_name("").is_err());
+        assert!(check_layer_name("php.82").is_err());
+        assert!(check_layer_name(&"a".repeat(141)).is_err());
+    }
+
+    #[test]
+    fn bucket_prefixes_are_checked() {
+        check_bucket_prefix("acme-layers").unwrap();
+        check_bucket_prefix("acme.layers.2026").unwrap();
+        for invalid in ["ab", "Acme", "-acme", "acme_layers", "acme..layers", &"a".repeat(49)] {
+            assert!(check_bucket_prefix(invalid).is_err(), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn regions_expand_and_unknown_names_are_kept_apart() {
+        let regions = Regions::load(&project_root().join("layers/regions.toml")).unwrap();
+        let all = regions.select(&["all".to_string()]);
+        assert!(all.known.len() >= 30, "{all:?}");
+        assert!(all.known.contains(&"us-east-1".to_string()));
+        assert!(all.unknown.is_empty());
+        let some = regions.select(&[
+            "eu-west-3".to_string(),
+            "moon-1".to_string(),
+            "us-east-1".to_string(),
+            "eu-west-3".to_string(),
+        ]);
+        assert_eq!(
+            some,
+            Selection {
+                known: vec!["eu-west-3".to_string(), "us-east-1".to_string()],
+                unknown: vec!["moon-1".to_string()],
+            }
+        );
+    }
+
+    fn manifest_layer(zip_bytes: u64, unzipped_bytes: u64) -> ManifestLayer {
+        serde_json::from_value(json!({
+            "name": "php-82", "kind": "function", "architecture": "x86_64", "php_version": "8.2.32",
+            "description": "PHP 8.2.32", "compatible_runtimes": ["provided.al2023"],
+            "compatible_architectures": ["x86_64"], "glibc_max": "2.34", "ld_library_path": "",
+            "loader": "", "zip": "php-82.zip", "sha256": "ab", "code_sha256": "qw==",
+            "zip_bytes": zip_bytes, "unzipped_bytes": unzipped_bytes,
+            "modules": {"php": [], "zend": []}, "disabled_extensions": {}, "libraries": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn sizes_over_the_limits_are_refused() {
+        check_sizes(&manifest_layer(INLINE_LIMIT, UNZIPPED_LIMIT), false).unwrap();
+        let error = check_sizes(&manifest_layer(INLINE_LIMIT + 1, 1), false).unwrap_err();
+        assert!(error.to_string().contains("--s3-bucket-prefix"), "{error}");
+        check_sizes(&manifest_layer(INLINE_LIMIT + 1, 1), true).unwrap();
+        let error = check_sizes(&manifest_layer(1, UNZIPPED_LIMIT + 1), true).unwrap_err();
+        assert!(error.to_string().contains("unzips to"), "{error}");
+    }
+
+    #[test]
+    fn acceptance_must_match_the_zip() {
+        let mut layer = manifest_layer(1, 1);
+        assert!(check_acceptance(&layer)
+            .unwrap_err()
+            .to_string()
+            .contains("no acceptance test"));
+        layer.acceptance = Some(crate::build_layers::Acceptance {
+            zip_sha256: "cd".to_string(),
+            passed_at: "2026-12-05T00:00:00Z".to_string(),
+        });
+        assert!(check_acceptance(&layer)
+            .unwrap_err()
+            .to_string()
+            .contains("earlier build"));
+        layer.acceptance.as_mut().unwrap().zip_sha256 = "ab".to_string();
+        check_acceptance(&layer).unwrap();
+    }
+
+    fn report(layer: &str, region: &str, outcome: Outcome) -> PairReport {
+        PairReport {
+            layer: layer.to_string(),
+            region: region.to_string(),
+            outcome,
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn table_merges_and_keeps_untouched_regions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layers.json");
+        fs::write(&path, r#"{"php-82": {"us-east-1": 3, "eu-west-1": 7}}"#).unwrap();
+        let reports = vec![
+            report("php-82", "us-east-1", Outcome::Published(4)),
+            report("php-82", "sa-east-1", Outcome::Failed("throttled".to_string())),
+            report("arm-php-82", "us-east-1", Outcome::UpToDate(2)),
+        ];
+        write_table(&path, &reports).unwrap();
+        let table: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(table["php-82"]["us-east-1"], 4);
+        assert_eq!(table["php-82"]["eu-west-1"], 7);
+        assert!(table["php-82"].get("sa-east-1").is_none());
+        assert_eq!(table["arm-php-82"]["us-east-1"], 2);
+    }
+
+    #[test]
+    fn a_missing_zip_is_reported_before_any_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut layer = manifest_layer(1, 1);
+        layer.acceptance = None;
+        fs::write(
+            dir.path().join(MANIFEST_NAME),
+            serde_json::to_string(&Manifest { layers: vec![layer] }).unwrap(),
+        )
+        .unwrap();
+        let args = <crate::flags::Xtask as clap::Parser>::parse_from([
+            "xtask",
+            "publish",
+            "--regions",
+            "us-east-1",
+            "--out-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        let crate::flags::Task::Publish(args) = args.task else {
+            panic!("not the publish task");
+        };
+        let error = format!("{:#}", local_layers(&args, dir.path()).unwrap_err());
+        assert!(
+            error.contains("php-82.zip") && error.contains("build-layers"),
+            "{error}"
+        );
+    }
+}
