@@ -575,3 +575,39 @@ fn publish_uploads_large_zips_through_s3() {
     assert!(again.status.success(), "{}", text(&again));
     assert_eq!(writes(&proxy.requests()), Vec::<String>::new());
 }
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_draws_bars_on_a_terminal() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    write_dist(dist.path(), &two_layers("terminal"), true);
+    let program = env::var(layer_tests::manifest::XTASK_VAR).expect("LAYERS_XTASK is not set: run `cargo xtask test`");
+    let command_line = format!(
+        "'{program}' publish --regions us-east-1,eu-west-3 --dry-run --endpoint-url {} --out-dir '{}'",
+        proxy.endpoint(),
+        dist.path().display()
+    );
+    // script(1) runs the task on a pseudo-terminal, as a user's shell would.
+    let output = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
+        .env_remove("CI")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let terminal = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(terminal.contains("2/2 regions"), "no finished bar:\n{terminal}");
+    assert!(terminal.contains("2 to publish"), "no bar message:\n{terminal}");
+    assert!(
+        !terminal.contains("publish: php-82 in us-east-1"),
+        "plain lines on a terminal:\n{terminal}"
+    );
+}
