@@ -66,6 +66,29 @@ impl Moto {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// Publishes a version of `layer` in `region` directly, as another tool
+    /// would, and returns its number.
+    fn publish_directly(&self, region: &str, layer: &str, zip: &[u8], description: &str) -> i64 {
+        let body = json!({
+            "Content": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
+            "Description": description,
+        })
+        .to_string();
+        let mut stream = TcpStream::connect(self.address).unwrap();
+        let request = format!(
+            "POST /2018-10-31/layers/{layer}/versions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20261205/{region}/lambda/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        let version: Value = serde_json::from_str(body).unwrap_or_else(|error| panic!("{error}: {response}"));
+        version["Version"].as_i64().unwrap_or_else(|| panic!("{response}"))
+    }
+
     /// The versions of `layer` in `region`, with their CodeSha256.
     fn versions(&self, region: &str, layer: &str) -> Vec<(i64, String)> {
         let (status, list) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions"));
@@ -510,6 +533,94 @@ fn publish_rejects_untested_zips() {
         !moto.is_public("us-east-1", "acme-php-82", 1),
         "--private made it public"
     );
+    assert!(
+        !dist.path().join("layers.json").exists(),
+        "a private run wrote the table"
+    );
+
+    // A public run makes the private version public without a new one.
+    let public = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &[
+            "--regions",
+            "us-east-1",
+            "--skip-tests-check",
+            "--layer-prefix",
+            "acme-",
+        ],
+    );
+    assert!(public.status.success(), "{}", text(&public));
+    assert!(summary_line(&public, "acme-php-82", "us-east-1").contains("up to date (version 1)"));
+    assert!(moto.is_public("us-east-1", "acme-php-82", 1));
+}
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_checks_content_of_unrecorded_versions() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    let layers = two_layers("checked");
+    write_dist(dist.path(), &layers, true);
+
+    // A version whose description names the zip's digest, with other bytes.
+    let description = format!(
+        "PHP 8.2.32 for event-driven Lambda functions, sha256 {}",
+        layers[0].code_sha256()
+    );
+    assert_eq!(
+        moto.publish_directly("us-east-1", "php-82", b"other bytes", &description),
+        1
+    );
+    let output = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &["--regions", "us-east-1", "--arch", "x86_64"],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(summary_line(&output, "php-82", "us-east-1").contains("published (version 2)"));
+    assert_eq!(moto.versions("us-east-1", "php-82")[0], (2, layers[0].code_sha256()));
+    assert!(
+        !moto.is_public("us-east-1", "php-82", 1),
+        "the wrong version was made public"
+    );
+
+    // No credentials: one message, and no request.
+    proxy.clear_requests();
+    let output = xtask("publish")
+        .args([
+            "--regions",
+            "us-east-1",
+            "--endpoint-url",
+            &proxy.endpoint(),
+            "--out-dir",
+        ])
+        .arg(dist.path())
+        .arg("--table")
+        .arg(dist.path().join("layers.json"))
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no usable AWS credentials"), "{}", text(&output));
+    assert_eq!(
+        stderr.matches("no usable AWS credentials").count(),
+        1,
+        "{}",
+        text(&output)
+    );
+    assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
 }
 
 #[test]

@@ -139,9 +139,8 @@ pub struct PublishArgs {
     #[arg(long, default_value = "", value_name = "PREFIX")]
     pub layer_prefix: String,
 
-    /// Do not make the versions publicly readable. layers.json lists
-    /// public versions, so a private run leaves it alone unless --table
-    /// is given.
+    /// Do not make the versions publicly readable. The version table
+    /// lists public versions only, so a private run writes none.
     #[arg(long)]
     pub private: bool,
 
@@ -155,9 +154,8 @@ pub struct PublishArgs {
     pub skip_tests_check: bool,
 
     /// Requests in flight at once. Each publish request carries a whole
-    /// zip, so on a laptop's uplink a few uploads already fill the line;
-    /// 8 keeps it busy while other requests wait on Lambda's answers,
-    /// and stays far below Lambda's request rate limits.
+    /// zip, so a few uploads already fill a laptop's uplink. 8 keeps the
+    /// line busy while other requests wait for Lambda's responses.
     #[arg(long, default_value_t = 8, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
@@ -190,8 +188,10 @@ pub struct PublishArgs {
     #[arg(long)]
     pub json: bool,
 
-    #[command(flatten)]
-    pub common: CommonArgs,
+    /// Directory of the zips and manifest.json to publish.
+    /// [default: dist/ in the workspace]
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// A part of `cargo xtask bench`.
@@ -233,7 +233,7 @@ impl CommonArgs {
     }
 }
 
-fn absolute(path: PathBuf) -> PathBuf {
+pub fn absolute(path: PathBuf) -> PathBuf {
     std::path::absolute(&path).unwrap_or(path)
 }
 

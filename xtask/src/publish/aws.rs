@@ -1,7 +1,7 @@
 //! The requests `cargo xtask publish` makes to Lambda and S3, the
 //! classification of their errors, and their retries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
@@ -10,7 +10,7 @@ use aws_sdk_lambda::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError}
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{Architecture, LayerVersionContentInput, Runtime};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use aws_sdk_s3::types::{BucketLocationConstraint, ChecksumMode, CreateBucketConfiguration};
 
 use crate::flags::Arch;
 
@@ -119,29 +119,23 @@ impl Clients {
                 code_sha256: digest.to_string(),
             }));
         }
-        let details = self
-            .lambda
-            .get_layer_version()
-            .layer_name(name)
-            .version_number(version)
-            .send()
-            .await
-            .map_err(|error| Failure::from_sdk(&error))?;
-        let code_sha256 = details
-            .content()
-            .and_then(|content| content.code_sha256())
-            .unwrap_or_default()
-            .to_string();
+        let code_sha256 = self.code_sha256(name, version).await?;
         Ok(Some(Latest { version, code_sha256 }))
     }
 
     /// Calls PublishLayerVersion once and returns the new version and the
     /// CodeSha256 Lambda computed.
+    ///
+    /// An inline zip is read here, while the caller holds a concurrency
+    /// slot, so memory grows with `--concurrency`, not with the pairs.
     pub async fn publish(&self, request: &PublishRequest<'_>) -> Result<Latest, Failure> {
         let content = match &request.content {
-            Content::Inline(bytes) => LayerVersionContentInput::builder()
-                .zip_file(Blob::new(bytes.clone()))
-                .build(),
+            Content::Inline(zip) => {
+                let bytes = tokio::fs::read(zip)
+                    .await
+                    .map_err(|error| Failure::permanent(format!("cannot read {}: {error}", zip.display())))?;
+                LayerVersionContentInput::builder().zip_file(Blob::new(bytes)).build()
+            }
             Content::S3 { bucket, key } => LayerVersionContentInput::builder()
                 .s3_bucket(bucket)
                 .s3_key(key)
@@ -157,7 +151,13 @@ impl Clients {
             .layer_name(request.name)
             .description(request.description)
             .content(content)
-            .compatible_runtimes(Runtime::Providedal2023)
+            .set_compatible_runtimes(Some(
+                request
+                    .runtimes
+                    .iter()
+                    .map(|runtime| Runtime::from(runtime.as_str()))
+                    .collect(),
+            ))
             .compatible_architectures(architecture)
             .license_info(request.license)
             .customize()
@@ -233,13 +233,20 @@ impl Clients {
         }
     }
 
-    /// Uploads `zip` to `bucket`/`key` unless an object of the same size
-    /// is there. S3 checks the upload against `sha256` (base64).
-    pub async fn upload(&self, bucket: &str, key: &str, zip: &Path, bytes: u64, sha256: &str) -> Result<(), Failure> {
-        if let Ok(head) = self.s3.head_object().bucket(bucket).key(key).send().await {
-            if head.content_length() == Some(bytes as i64) {
-                return Ok(());
-            }
+    /// Uploads `zip` to `bucket`/`key` unless the object there has the
+    /// same SHA-256 checksum. S3 checks the upload against `sha256` (base64).
+    /// Returns whether it uploaded.
+    pub async fn upload(&self, bucket: &str, key: &str, zip: &Path, bytes: u64, sha256: &str) -> Result<bool, Failure> {
+        let head = self
+            .s3
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await;
+        if head.is_ok_and(|head| head.checksum_sha256() == Some(sha256)) {
+            return Ok(false);
         }
         let body = ByteStream::from_path(zip)
             .await
@@ -255,6 +262,40 @@ impl Clients {
             .send()
             .await
             .map_err(|error| Failure::from_sdk(&error))?;
+        Ok(true)
+    }
+
+    /// Returns the CodeSha256 Lambda computed for `version` of `name`.
+    pub async fn code_sha256(&self, name: &str, version: i64) -> Result<String, Failure> {
+        let details = self
+            .lambda
+            .get_layer_version()
+            .layer_name(name)
+            .version_number(version)
+            .send()
+            .await
+            .map_err(|error| Failure::from_sdk(&error))?;
+        Ok(details
+            .content()
+            .and_then(|content| content.code_sha256())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Fails with one clear message when no credentials can be found, before
+    /// any pair starts and reports it as a connection failure.
+    pub async fn check_credentials(config: &aws_config::SdkConfig) -> anyhow::Result<()> {
+        use aws_sdk_lambda::config::ProvideCredentials as _;
+        let provider = config
+            .credentials_provider()
+            .ok_or_else(|| anyhow::anyhow!("no AWS credentials provider is configured"))?;
+        provider.provide_credentials().await.map_err(|error| {
+            anyhow::anyhow!(
+                "no usable AWS credentials: {}; set AWS_PROFILE or --profile, or AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY",
+                innermost(&error)
+            )
+        })?;
         Ok(())
     }
 }
@@ -272,6 +313,7 @@ pub struct PublishRequest<'a> {
     pub name: &'a str,
     pub description: &'a str,
     pub architecture: Arch,
+    pub runtimes: &'a [String],
     pub license: &'a str,
     pub content: Content,
     pub bytes: u64,
@@ -279,7 +321,7 @@ pub struct PublishRequest<'a> {
 
 /// Where the zip comes from: the request itself, or an S3 object.
 pub enum Content {
-    Inline(Vec<u8>),
+    Inline(PathBuf),
     S3 { bucket: String, key: String },
 }
 
@@ -295,6 +337,8 @@ pub fn digest_of_description(description: &str) -> Option<&str> {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub retryable: bool,
+    /// The attempt ran out of time: the request may still be running.
+    pub timed_out: bool,
     pub message: String,
     /// Lambda's or S3's error code, such as `TooManyRequestsException`.
     pub code: Option<String>,
@@ -305,6 +349,7 @@ impl Failure {
     pub fn permanent(message: String) -> Failure {
         Failure {
             retryable: false,
+            timed_out: false,
             message,
             code: None,
             retry_after: None,
@@ -321,7 +366,8 @@ impl Failure {
         match error {
             SdkError::TimeoutError(_) => {
                 failure.retryable = true;
-                failure.message = "the attempt timed out".to_string();
+                failure.timed_out = true;
+                failure.message = "the attempt timed out (its limit is --timeout, plus time for uploads)".to_string();
             }
             SdkError::DispatchFailure(dispatch) => {
                 failure.retryable = !dispatch.is_user();
@@ -375,10 +421,10 @@ fn status_of<E>(error: &SdkError<E, HttpResponse>) -> Option<u16> {
 }
 
 /// Time to wait after failed attempt `attempt`: exponential backoff with
-/// jitter, between half and all of 0.2 s, 0.4 s, 0.8 s... up to 6.4 s, and
-/// at least what the service asked for in `Retry-After`.
+/// jitter, between half and all of 0.5 s, 1 s, 2 s, 4 s (at most 8 s), and
+/// at least the `Retry-After` of the response.
 pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let ceiling = 100u64 << attempt.clamp(1, 6);
+    let ceiling = 250u64 << attempt.clamp(1, 5);
     let jittered = Duration::from_millis(ceiling / 2 + random_below(ceiling / 2 + 1));
     retry_after.map_or(jittered, |asked| asked.max(jittered))
 }
@@ -413,7 +459,7 @@ mod tests {
     fn backoff_grows_and_honours_retry_after() {
         for attempt in 1..10 {
             let wait = backoff(attempt, None);
-            let ceiling = Duration::from_millis(100 << attempt.clamp(1, 6));
+            let ceiling = Duration::from_millis(250 << attempt.clamp(1, 5));
             assert!(wait <= ceiling && wait >= ceiling / 2, "attempt {attempt}: {wait:?}");
         }
         assert!(backoff(1, Some(Duration::from_secs(3))) >= Duration::from_secs(3));

@@ -32,6 +32,12 @@ pub const INLINE_LIMIT: u64 = 50 * 1024 * 1024;
 /// Largest unzipped size of a layer Lambda accepts.
 const UNZIPPED_LIMIT: u64 = 250 * 1024 * 1024;
 
+/// Wait after a timed out publish request before looking for the version
+/// it may have made.
+/// NOTE: a request still running at Lambda after this wait can make a
+/// second version; the next run then reports the newest one.
+const LOST_REQUEST_WAIT: Duration = Duration::from_secs(5);
+
 /// License of the PHP interpreter, the bulk of every layer.
 const LICENSE: &str = "PHP-3.01";
 
@@ -136,10 +142,11 @@ pub fn check_layer_name(name: &str) -> Result<()> {
 }
 
 /// Checks that `PREFIX-REGION` is a valid S3 bucket name for every region.
-pub fn check_bucket_prefix(prefix: &str) -> Result<()> {
-    let longest = bucket_name(prefix, "ap-southeast-5");
+pub fn check_bucket_prefix(prefix: &str, regions: &[String]) -> Result<()> {
+    let longest_region = regions.iter().map(String::len).max().unwrap_or(0);
+    let longest = prefix.len() + 1 + longest_region;
     let valid = prefix.len() >= 3
-        && longest.len() <= 63
+        && longest <= 63
         && prefix.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && prefix
             .chars()
@@ -147,8 +154,9 @@ pub fn check_bucket_prefix(prefix: &str) -> Result<()> {
         && !prefix.contains("..");
     if !valid {
         bail!(
-            "invalid --s3-bucket-prefix {prefix:?}: use 3 to 48 lowercase letters, digits, '-' or '.', \
-             starting with a letter or digit, so that PREFIX-REGION is a bucket name"
+            "invalid --s3-bucket-prefix {prefix:?}: use 3 to {} lowercase letters, digits, '-' or '.', \
+             starting with a letter or digit, so that PREFIX-REGION is a bucket name",
+            62 - longest_region
         );
     }
     Ok(())
@@ -161,26 +169,31 @@ fn bucket_name(prefix: &str, region: &str) -> String {
 
 pub fn run(args: &PublishArgs) -> Result<()> {
     let project = project_root();
-    let dist = args.common.out_dir(&project);
+    let dist = crate::flags::absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist")));
     let regions = Regions::load(&project.join("layers/regions.toml"))?;
     let selection = regions.select(&args.regions);
-    let layers = local_layers(args, &dist)?;
-    // layers.json lists public versions: a private run updates a table
-    // only when --table names one.
+    let layers = local_layers(args, &dist, &selection.known)?;
+    // The table lists public versions only, so a private run writes none.
     let table_path = match (&args.table, args.private) {
-        (Some(path), _) => Some(path.clone()),
+        (_, true) => None,
+        (Some(path), false) => Some(path.clone()),
         (None, false) => Some(project.join("layers.json")),
-        (None, true) => None,
     };
     let recorded = match &table_path {
-        Some(path) => read_table(path)?,
+        Some(path) => {
+            check_writable(path)?;
+            read_table(path)?
+        }
         None => Table::new(),
     };
 
+    for region in &selection.unknown {
+        eprintln!("warning: {}", unknown_region(region));
+    }
     eprintln!(
-        "publish: {} layers to {} regions, {} requests at a time{}",
-        layers.len(),
-        selection.known.len(),
+        "publish: {} to {}, {} requests at a time{}",
+        plural(layers.len(), "layer"),
+        plural(selection.known.len(), "region"),
         args.concurrency,
         if args.dry_run {
             " (dry run: read requests only)"
@@ -192,7 +205,10 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let names: Vec<String> = layers.iter().map(|layer| layer.name.clone()).collect();
     let progress = Arc::new(Progress::new(&names, selection.known.len()));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let config = runtime.block_on(aws::shared_config(&settings(args)));
+    runtime.block_on(Clients::check_credentials(&config))?;
     let mut reports = runtime.block_on(publish_all(
+        &config,
         args,
         &layers,
         &selection.known,
@@ -206,23 +222,23 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             reports.push(PairReport {
                 layer: layer.name.clone(),
                 region: region.clone(),
-                outcome: Outcome::Failed(format!(
-                    "unknown region {region}: layers/regions.toml lists the regions where Lambda runs"
-                )),
+                outcome: Outcome::Failed(unknown_region(region)),
                 retries: 0,
             });
         }
     }
     reports.sort_by(|a, b| (&a.layer, &a.region).cmp(&(&b.layer, &b.region)));
 
+    // The summary comes first, so that it is printed even when the table
+    // cannot be written.
     let written = table_path.filter(|_| !args.dry_run);
-    if let Some(path) = &written {
-        write_table(path, &reports)?;
-    }
     if args.json {
         print_json(&reports, written.as_ref())?;
     } else {
         print_summary(&reports);
+    }
+    if let Some(path) = &written {
+        write_table(path, &reports)?;
     }
     let failed = reports
         .iter()
@@ -242,9 +258,46 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     Ok(())
 }
 
+fn unknown_region(region: &str) -> String {
+    format!("unknown region {region}: not in layers/regions.toml; check the spelling, or add the region there")
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+/// Fails before any request when the table's directory is missing, since
+/// the versions could not be recorded at the end.
+fn check_writable(table: &Path) -> Result<()> {
+    let directory = match table.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !directory.is_dir() {
+        bail!(
+            "cannot write {}: {} is not a directory",
+            table.display(),
+            directory.display()
+        );
+    }
+    Ok(())
+}
+
+fn settings(args: &PublishArgs) -> aws::Settings {
+    aws::Settings {
+        endpoint: args.endpoint_url.clone(),
+        profile: args.profile.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    }
+}
+
 /// Reads the manifest and checks every selected zip before any request:
 /// its name, its size, its digest, and its acceptance test.
-fn local_layers(args: &PublishArgs, dist: &Path) -> Result<Vec<LocalLayer>> {
+fn local_layers(args: &PublishArgs, dist: &Path, regions: &[String]) -> Result<Vec<LocalLayer>> {
     let manifest_path = dist.join(MANIFEST_NAME);
     let text = fs::read_to_string(&manifest_path).with_context(|| {
         format!(
@@ -255,7 +308,7 @@ fn local_layers(args: &PublishArgs, dist: &Path) -> Result<Vec<LocalLayer>> {
     let manifest: Manifest =
         serde_json::from_str(&text).with_context(|| format!("invalid {}", manifest_path.display()))?;
     if let Some(prefix) = &args.s3_bucket_prefix {
-        check_bucket_prefix(prefix)?;
+        check_bucket_prefix(prefix, regions)?;
     }
 
     let mut layers = Vec::new();
@@ -285,7 +338,12 @@ fn local_layers(args: &PublishArgs, dist: &Path) -> Result<Vec<LocalLayer>> {
             );
         }
         if !args.skip_tests_check {
-            check_acceptance(&layer)?;
+            match check_acceptance(&layer) {
+                Ok(()) => {}
+                // A dry run publishes nothing: it only warns.
+                Err(error) if args.dry_run => eprintln!("warning: {error}"),
+                Err(error) => return Err(error),
+            }
         }
         layers.push(LocalLayer { name, layer, zip });
     }
@@ -347,6 +405,7 @@ struct Shared {
 }
 
 async fn publish_all(
+    config: &aws_config::SdkConfig,
     args: &PublishArgs,
     layers: &[LocalLayer],
     regions: &[String],
@@ -354,12 +413,7 @@ async fn publish_all(
     recorded: Table,
     progress: Arc<Progress>,
 ) -> Result<Vec<PairReport>> {
-    let settings = aws::Settings {
-        endpoint: args.endpoint_url.clone(),
-        profile: args.profile.clone(),
-        timeout: Duration::from_secs(args.timeout),
-    };
-    let config = aws::shared_config(&settings).await;
+    let settings = settings(args);
     let shared = Arc::new(Shared {
         dry_run: args.dry_run,
         private: args.private,
@@ -371,7 +425,7 @@ async fn publish_all(
     });
     let mut tasks = tokio::task::JoinSet::new();
     for region in regions {
-        let clients = Clients::new(&config, region, &settings);
+        let clients = Clients::new(config, region, &settings);
         for layer in layers {
             let pair = Pair {
                 clients: clients.clone(),
@@ -421,7 +475,7 @@ impl Pair {
         let digest = self.local.layer.code_sha256.clone();
         let latest = self.latest().await?;
         if let Some(latest) = &latest {
-            if latest.code_sha256 == digest {
+            if latest.code_sha256 == digest && self.confirm(latest.version, &digest).await? {
                 self.ensure_public(latest.version).await?;
                 return Ok(Outcome::UpToDate(latest.version));
             }
@@ -432,10 +486,12 @@ impl Pair {
 
         let content = self.content().await?;
         let description = format!("{}, {DIGEST_MARKER}{digest}", self.local.layer.description);
+        let runtimes = self.local.layer.compatible_runtimes.clone();
         let request = PublishRequest {
             name: &name,
             description: &description,
             architecture: self.local.layer.architecture,
+            runtimes: &runtimes,
             license: LICENSE,
             content,
             bytes: self.local.layer.zip_bytes,
@@ -451,24 +507,40 @@ impl Pair {
                 Ok(published) => break published,
                 Err(failure) => failure,
             };
-            if !failure.retryable || attempt >= ATTEMPTS {
+            if !failure.retryable {
                 return Err(failure);
             }
-            self.wait("PublishLayerVersion", &failure, attempt).await;
-            // The version may exist although its response was lost.
-            let found = self.latest().await?;
-            if let Some(found) = found.filter(|found| found.code_sha256 == digest) {
+            // The version may exist although its response was lost. A timed
+            // out request may still be running at Lambda, so look later.
+            let minimum = if failure.timed_out {
+                LOST_REQUEST_WAIT
+            } else {
+                Duration::ZERO
+            };
+            self.wait("PublishLayerVersion", &failure, attempt, minimum).await;
+            if let Some(found) = self.latest().await?.filter(|found| found.code_sha256 == digest) {
+                let version = found.version;
+                let code_sha256 = self
+                    .request("GetLayerVersion", |clients| {
+                        let name = name.clone();
+                        async move { clients.code_sha256(&name, version).await }
+                    })
+                    .await?;
                 self.shared.progress.step(
                     &name,
                     &self.region,
-                    &format!("version {} exists: the failed attempt had published it", found.version),
+                    &format!("version {version} exists: the failed attempt had published it"),
                 );
-                break found;
+                break Latest { version, code_sha256 };
+            }
+            if attempt >= ATTEMPTS {
+                return Err(failure);
             }
         };
         if published.code_sha256 != digest {
             return Err(Failure::permanent(format!(
-                "Lambda computed CodeSha256 {} for version {}, but the zip's is {digest}; the version is left private",
+                "Lambda computed CodeSha256 {} for version {}, but the zip's is {digest}; the version is left \
+                 private, and the next run publishes a new one",
                 published.code_sha256, published.version
             )));
         }
@@ -478,29 +550,48 @@ impl Pair {
         Ok(Outcome::Published(published.version))
     }
 
+    /// Returns the version layers.json records for this pair.
+    fn recorded(&self) -> Option<i64> {
+        self.shared
+            .recorded
+            .get(&self.local.name)
+            .and_then(|regions| regions.get(&self.region))
+            .copied()
+    }
+
+    /// Checks the CodeSha256 of a version whose description carries the
+    /// zip's digest, unless layers.json records it. A description is
+    /// written before Lambda computes the digest, so it alone does not
+    /// prove the content.
+    async fn confirm(&mut self, version: i64, digest: &str) -> Result<bool, Failure> {
+        if self.recorded() == Some(version) {
+            return Ok(true);
+        }
+        let name = self.local.name.clone();
+        let code_sha256 = self
+            .request("GetLayerVersion", |clients| {
+                let name = name.clone();
+                async move { clients.code_sha256(&name, version).await }
+            })
+            .await?;
+        Ok(code_sha256 == digest)
+    }
+
     /// Makes an existing version public, unless this run is private or
     /// layers.json already records the version (a run records a version
     /// only after it is made public).
     async fn ensure_public(&mut self, version: i64) -> Result<(), Failure> {
-        let recorded = self
-            .shared
-            .recorded
-            .get(&self.local.name)
-            .and_then(|regions| regions.get(&self.region));
-        if self.shared.dry_run || self.shared.private || recorded == Some(&version) {
+        if self.shared.dry_run || self.shared.private || self.recorded() == Some(version) {
             return Ok(());
         }
         self.make_public(version).await
     }
 
-    /// The zip itself, or for a large one, its S3 object after the upload.
+    /// The zip's path, or for a large zip, its S3 object after the upload.
     async fn content(&mut self) -> Result<Content, Failure> {
         let layer = &self.local.layer;
         if layer.zip_bytes <= INLINE_LIMIT {
-            let bytes = tokio::fs::read(&self.local.zip)
-                .await
-                .map_err(|error| Failure::permanent(format!("cannot read {}: {error}", self.local.zip.display())))?;
-            return Ok(Content::Inline(bytes));
+            return Ok(Content::Inline(self.local.zip.clone()));
         }
         let Some(prefix) = self.shared.s3_bucket_prefix.clone() else {
             return Err(Failure::permanent(
@@ -516,16 +607,18 @@ impl Pair {
             async move { clients.ensure_bucket(&bucket, &region).await }
         })
         .await?;
-        self.shared.progress.step(
-            &self.local.name,
-            &self.region,
-            &format!("uploading to s3://{bucket}/{key}"),
-        );
-        self.request("PutObject", |clients| {
-            let (bucket, key, zip, sha256) = (bucket.clone(), key.clone(), zip.clone(), sha256.clone());
-            async move { clients.upload(&bucket, &key, &zip, bytes, &sha256).await }
-        })
-        .await?;
+        let uploaded = self
+            .request("PutObject", |clients| {
+                let (bucket, key, zip, sha256) = (bucket.clone(), key.clone(), zip.clone(), sha256.clone());
+                async move { clients.upload(&bucket, &key, &zip, bytes, &sha256).await }
+            })
+            .await?;
+        let step = if uploaded {
+            format!("uploaded to s3://{bucket}/{key}")
+        } else {
+            format!("s3://{bucket}/{key} has the zip already")
+        };
+        self.shared.progress.step(&self.local.name, &self.region, &step);
         Ok(Content::S3 { bucket, key })
     }
 
@@ -546,16 +639,17 @@ impl Pair {
             match result {
                 Ok(value) => return Ok(value),
                 Err(failure) if failure.retryable && attempt < ATTEMPTS => {
-                    self.wait(operation, &failure, attempt).await
+                    self.wait(operation, &failure, attempt, Duration::ZERO).await
                 }
                 Err(failure) => return Err(failure),
             }
         }
     }
 
-    async fn wait(&mut self, operation: &str, failure: &Failure, attempt: u32) {
+    /// Waits before the next attempt, at least `minimum`.
+    async fn wait(&mut self, operation: &str, failure: &Failure, attempt: u32, minimum: Duration) {
         self.retries += 1;
-        let wait = aws::backoff(attempt, failure.retry_after);
+        let wait = aws::backoff(attempt, failure.retry_after).max(minimum);
         self.shared
             .progress
             .retrying(&self.local.name, &self.region, operation, failure, attempt, wait);
@@ -661,14 +755,19 @@ fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
             let (result, version, reason) = match &report.outcome {
                 Outcome::Published(version) => ("published", Some(*version), None),
                 Outcome::UpToDate(version) => ("up-to-date", Some(*version), None),
-                Outcome::WouldPublish(version) => ("would-publish", *version, None),
+                Outcome::WouldPublish(_) => ("would-publish", None, None),
                 Outcome::Failed(reason) => ("failed", None, Some(reason.clone())),
+            };
+            let replaces = match report.outcome {
+                Outcome::WouldPublish(newest) => newest,
+                _ => None,
             };
             json!({
                 "layer": report.layer,
                 "region": report.region,
                 "result": result,
                 "version": version,
+                "replaces": replaces,
                 "retries": report.retries,
                 "reason": reason,
             })
@@ -698,10 +797,11 @@ mod tests {
 
     #[test]
     fn bucket_prefixes_are_checked() {
-        check_bucket_prefix("acme-layers").unwrap();
-        check_bucket_prefix("acme.layers.2026").unwrap();
+        let regions = ["us-east-1".to_string(), "ap-southeast-5".to_string()];
+        check_bucket_prefix("acme-layers", &regions).unwrap();
+        check_bucket_prefix("acme.layers.2026", &regions).unwrap();
         for invalid in ["ab", "Acme", "-acme", "acme_layers", "acme..layers", &"a".repeat(49)] {
-            assert!(check_bucket_prefix(invalid).is_err(), "{invalid}");
+            assert!(check_bucket_prefix(invalid, &regions).is_err(), "{invalid}");
         }
     }
 
@@ -816,7 +916,7 @@ mod tests {
         let crate::flags::Task::Publish(args) = args.task else {
             panic!("not the publish task");
         };
-        let error = format!("{:#}", local_layers(&args, dir.path()).unwrap_err());
+        let error = format!("{:#}", local_layers(&args, dir.path(), &[]).unwrap_err());
         assert!(
             error.contains("php-82.zip") && error.contains("build-layers"),
             "{error}"
