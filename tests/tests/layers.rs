@@ -515,3 +515,35 @@ fn failed_architecture_keeps_other_layers() {
     assert!(manifest.contains("\"name\": \"php-82\""), "{manifest}");
     assert!(!manifest.contains("arm-php-82"), "{manifest}");
 }
+
+#[test]
+#[ignore = "runs cargo xtask: run `cargo xtask test`"]
+fn unavailable_release_fails_before_any_build() {
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let output = xtask("build-layers")
+        .args([
+            "--php",
+            "8.4",
+            "--no-release-urls",
+            "--debian-mirror",
+            "http://127.0.0.1:9/debian",
+        ])
+        .arg("--out-dir")
+        .arg(work.path().join("dist"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot fetch the source of PHP 8.4."), "{stderr}");
+    let directory = cache.join("sources");
+    assert!(
+        stderr.contains(&format!("into the sources directory {}", directory.display())),
+        "{stderr}"
+    );
+    // Failing early: before any build root, so before any compile.
+    assert!(!cache.join("roots").exists(), "a build root was started:\n{stderr}");
+}

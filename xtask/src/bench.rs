@@ -70,7 +70,7 @@ fn compile_page(args: &BenchArgs, definitions: &Definitions, cache_dir: &Path, o
         .php
         .get(&php)
         .with_context(|| format!("PHP {php} is not declared under layers/php/"))?;
-    let tarball = sources::fetch(release, &mirrors, cache_dir)?;
+    let tarball = sources::fetch(release, &mirrors, cache_dir, !args.common.no_release_urls)?;
 
     let mut timings = Vec::new();
     let mut native_header = None;

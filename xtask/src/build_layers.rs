@@ -126,6 +126,8 @@ struct Plan {
     out_dir: PathBuf,
     cache_dir: PathBuf,
     jobs: usize,
+    /// Whether sources may come from the URLs under layers/php/.
+    use_urls: bool,
 }
 
 /// Builds the selected layers and returns their manifest entries.
@@ -141,6 +143,18 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
     let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;
+
+    // Every source first: a missing one fails the run before any build root
+    // or compile starts.
+    let mut missing = Vec::new();
+    for php in &plan.php {
+        if let Err(error) = sources::fetch(&definitions.php[php], &mirrors, &plan.cache_dir, plan.use_urls) {
+            missing.push(format!("{error:#}"));
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{}", missing.join("\n"));
+    }
 
     let mut built = Vec::new();
     let mut failures = Vec::new();
@@ -192,7 +206,7 @@ fn build_arch(
     let mut built = Vec::new();
     for php in &plan.php {
         let release = &definitions.php[php];
-        let tarball = sources::fetch(release, mirrors, &plan.cache_dir)?;
+        let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
         let toolchain = toolchain(definitions, plan, mirrors, host, target, release, &tarball)?;
         let build = compile::compile(
             definitions,
@@ -300,7 +314,11 @@ fn toolchain<'a>(
 
 fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Result<Plan> {
     let php = if args.php.is_empty() {
-        definitions.php.keys().copied().collect()
+        let defaults = definitions.default_releases();
+        if defaults.is_empty() {
+            bail!("no release under layers/php/ sets build_by_default: name one with --php");
+        }
+        defaults
     } else {
         for version in &args.php {
             if !definitions.php.contains_key(version) {
@@ -344,6 +362,7 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         out_dir,
         cache_dir,
         jobs: args.common.jobs(),
+        use_urls: !args.common.no_release_urls,
     })
 }
 
@@ -495,6 +514,58 @@ mod tests {
         assert_eq!(plan.kinds, [LayerKind::Function, LayerKind::Fpm]);
         assert!(plan.php.contains(&"8.2".parse().unwrap()));
         assert!(plan.out_dir.ends_with("dist"));
+    }
+
+    #[test]
+    fn matrix_expands_declared_releases() {
+        let default = plan_for(&[]).unwrap();
+        assert_eq!(
+            default.php,
+            ["8.2".parse().unwrap()],
+            "8.3 and 8.4 are built only when named"
+        );
+
+        let plan = plan_for(&["--php", "8.4", "--php", "8.3", "--php", "8.4"]).unwrap();
+        assert_eq!(plan.php, ["8.3".parse().unwrap(), "8.4".parse().unwrap()]);
+        let definitions = Definitions::load(&project_root().join("layers")).unwrap();
+        let mut names = Vec::new();
+        for php in &plan.php {
+            for arch in &plan.arches {
+                for kind in &plan.kinds {
+                    names.push(definitions.target(*arch).layer_name(definitions.kind(*kind), *php));
+                }
+            }
+        }
+        assert_eq!(
+            names,
+            [
+                "php-83",
+                "php-83-fpm",
+                "arm-php-83",
+                "arm-php-83-fpm",
+                "php-84",
+                "php-84-fpm",
+                "arm-php-84",
+                "arm-php-84-fpm"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_source_names_the_sources_directory() {
+        let definitions = Definitions::load(&project_root().join("layers")).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::discover(Some("http://127.0.0.1:9/debian")).unwrap();
+        let release = &definitions.php[&"8.4".parse().unwrap()];
+        let error = format!(
+            "{:#}",
+            sources::fetch(release, &mirrors, cache.path(), false).unwrap_err()
+        );
+        let directory = cache.path().join("sources");
+        assert!(error.contains(&format!("php-{}.tar.xz", release.version)), "{error}");
+        assert!(error.contains(&release.sha256), "{error}");
+        assert!(error.contains(&directory.display().to_string()), "{error}");
+        assert!(error.contains("skipped (--no-release-urls)"), "{error}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub fn compile(
     cache_dir: &Path,
     jobs: usize,
 ) -> Result<PhpBuild> {
-    let configure_args = configure_args(definitions, toolchain);
+    let configure_args = configure_args(definitions, release, toolchain);
     let key = build_key(release, root, &configure_args, definitions, toolchain);
     let name = format!("php-{}-{}-{key}", release.version, root.arch);
     let dir = root.path.join(BUILDS_DIR_INSIDE).join(&name);
@@ -181,7 +181,7 @@ pub fn compile_into(
         command
     };
 
-    let configure_args = configure_args(definitions, toolchain);
+    let configure_args = configure_args(definitions, release, toolchain);
     let configure_started = Instant::now();
     let configure = in_root("./configure").args(configure_args.iter().map(String::as_str));
     configure.run_logged(log)?;
@@ -246,7 +246,7 @@ fn correct_and_check_header(header_path: &Path, cross: &Cross) -> Result<()> {
 
 /// Returns the configure arguments: the common flags, one switch per
 /// extension, and for a cross build the triplets and cache variables.
-pub fn configure_args(definitions: &Definitions, toolchain: &Toolchain) -> Vec<String> {
+pub fn configure_args(definitions: &Definitions, release: &PhpRelease, toolchain: &Toolchain) -> Vec<String> {
     let mut args: Vec<String> = definitions.configure.flags.clone();
     args.extend(
         definitions
@@ -255,6 +255,8 @@ pub fn configure_args(definitions: &Definitions, toolchain: &Toolchain) -> Vec<S
             .iter()
             .map(|extension| extension.configure.clone()),
     );
+    args.retain(|arg| !release.configure.remove.contains(arg));
+    args.extend(release.configure.add.iter().cloned());
     if let Some(cross) = &toolchain.cross {
         args.push(format!("--host={}", toolchain.target.gnu_triplet));
         args.push(format!("--build={}", cross.build_triplet));

@@ -80,6 +80,11 @@ pub struct CommonArgs {
     /// Parallel jobs for `make`. [default: the number of CPUs]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
+
+    /// Take PHP sources only from the sources directory (cache/sources)
+    /// and the Debian mirror, never from the URLs under layers/php/.
+    #[arg(long)]
+    pub no_release_urls: bool,
 }
 
 #[derive(Args, Debug)]

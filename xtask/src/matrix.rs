@@ -38,6 +38,26 @@ pub struct PhpRelease {
     #[serde(default)]
     pub urls: Vec<String>,
     pub debian_source: Option<DebianSource>,
+    /// Whether `build-layers` without `--php` builds this release.
+    #[serde(default = "yes")]
+    pub build_by_default: bool,
+    /// Differences from configure.toml for this release.
+    #[serde(default)]
+    pub configure: ReleaseConfigure,
+}
+
+/// configure switches a release adds to or removes from the common ones.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseConfigure {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn placeholder_minor() -> PhpMinor {
@@ -345,6 +365,15 @@ impl Definitions {
         Ok(definitions)
     }
 
+    /// Returns the releases `build-layers` builds without `--php`.
+    pub fn default_releases(&self) -> Vec<PhpMinor> {
+        self.php
+            .values()
+            .filter(|release| release.build_by_default)
+            .map(|release| release.minor)
+            .collect()
+    }
+
     /// Returns the kind's entry from kinds.toml.
     pub fn kind(&self, kind: LayerKind) -> &KindSpec {
         self.kinds
@@ -380,6 +409,23 @@ impl Definitions {
                 "extension {:?}: `file` must be set for shared extensions and only for them",
                 extension.name
             );
+        }
+
+        for release in self.php.values() {
+            for switch in &release.configure.remove {
+                let known = self.configure.flags.contains(switch)
+                    || self
+                        .extensions
+                        .extensions
+                        .iter()
+                        .any(|extension| &extension.configure == switch);
+                ensure!(
+                    known,
+                    "php/{}.toml removes the configure switch {switch:?}, which neither configure.toml nor \
+                     extensions.toml sets",
+                    release.minor
+                );
+            }
         }
 
         for target in self.targets.values() {
@@ -535,6 +581,37 @@ mod tests {
     }
 
     #[test]
+    fn release_configure_differences_apply() {
+        let mut definitions = definitions();
+        let php = "8.4".parse().unwrap();
+        let targets = self::definitions().targets;
+        let toolchain = crate::compile::Toolchain {
+            target: &targets[&Arch::X86_64],
+            cross: None,
+        };
+        let common = crate::compile::configure_args(&definitions, &definitions.php[&php], &toolchain);
+        assert!(common.contains(&"--enable-fpm".to_string()));
+
+        let release = definitions.php.get_mut(&php).unwrap();
+        release.configure.remove.push("--enable-fpm".to_string());
+        release.configure.add.push("--enable-embed".to_string());
+        let changed = crate::compile::configure_args(&definitions, &definitions.php[&php], &toolchain);
+        assert!(!changed.contains(&"--enable-fpm".to_string()), "{changed:?}");
+        assert_eq!(changed.last().map(String::as_str), Some("--enable-embed"));
+        definitions.check().unwrap();
+
+        definitions
+            .php
+            .get_mut(&php)
+            .unwrap()
+            .configure
+            .remove
+            .push("--with-nothing".to_string());
+        let error = definitions.check().unwrap_err().to_string();
+        assert!(error.contains("--with-nothing"), "{error}");
+    }
+
+    #[test]
     fn expected_modules_follow_modes() {
         let extensions = definitions().extensions;
 
@@ -567,6 +644,8 @@ mod tests {
             sha256: "E02AA173".into(),
             urls: vec![],
             debian_source: None,
+            build_by_default: true,
+            configure: Default::default(),
         };
         let error = check_release(&release).unwrap_err().to_string();
         assert!(error.contains("64 lowercase hexadecimal"), "{error}");
@@ -580,6 +659,8 @@ mod tests {
             sha256: "e".repeat(64),
             urls: vec![],
             debian_source: None,
+            build_by_default: true,
+            configure: Default::default(),
         };
         let error = check_release(&release).unwrap_err().to_string();
         assert!(error.contains("8.3 series"), "{error}");

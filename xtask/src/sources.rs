@@ -22,7 +22,9 @@ use crate::process;
 /// package. A download whose sha256 differs from the pinned one is deleted
 /// and reported: it is never used and never tried from another source,
 /// since a wrong file means the pin or the source must be looked at.
-pub fn fetch(release: &PhpRelease, mirrors: &Mirrors, cache_dir: &Path) -> Result<PathBuf> {
+/// With `use_urls` false, the release's URLs are skipped: only the sources
+/// directory and the Debian mirror are used.
+pub fn fetch(release: &PhpRelease, mirrors: &Mirrors, cache_dir: &Path, use_urls: bool) -> Result<PathBuf> {
     let dir = cache_dir.join("sources");
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let target = dir.join(release.tarball_name());
@@ -40,7 +42,8 @@ pub fn fetch(release: &PhpRelease, mirrors: &Mirrors, cache_dir: &Path) -> Resul
     }
 
     let mut failures = Vec::new();
-    for url in &release.urls {
+    let urls: &[String] = if use_urls { &release.urls } else { &[] };
+    for url in urls {
         eprintln!("source php-{}: downloading {url}", release.version);
         match download(url, &dir) {
             Ok(download) => return install(download, &target, &release.sha256, url),
@@ -60,11 +63,20 @@ pub fn fetch(release: &PhpRelease, mirrors: &Mirrors, cache_dir: &Path) -> Resul
         }
     }
 
+    if !use_urls && !release.urls.is_empty() {
+        failures.push(format!("{}: skipped (--no-release-urls)", release.urls.join(", ")));
+    }
+    if failures.is_empty() {
+        failures.push("layers/php/ declares no URL and no Debian source package".to_string());
+    }
     bail!(
-        "could not fetch the source of PHP {}:\n  {}\nput a copy of the tarball at {} and run again",
+        "cannot fetch the source of PHP {}:\n  {}\nput php-{}.tar.xz (sha256 {}) into the sources directory {}, \
+         which is checked first, and run again",
         release.version,
         failures.join("\n  "),
-        target.display()
+        release.version,
+        release.sha256,
+        dir.display()
     )
 }
 
@@ -254,6 +266,8 @@ mod tests {
             sha256,
             urls,
             debian_source: None,
+            build_by_default: true,
+            configure: Default::default(),
         }
     }
 
@@ -271,7 +285,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let urls = vec![format!("{base}/missing"), format!("{base}/php-8.2.99.tar.xz")];
 
-        let path = fetch(&release(urls, sha256_of(b"php source")), &mirrors(), cache.path()).unwrap();
+        let path = fetch(&release(urls, sha256_of(b"php source")), &mirrors(), cache.path(), true).unwrap();
 
         assert_eq!(fs::read(&path).unwrap(), b"php source");
         assert_eq!(path, cache.path().join("sources/php-8.2.99.tar.xz"));
@@ -284,8 +298,8 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let release = release(vec![format!("{base}/php-8.2.99.tar.xz")], sha256_of(b"php source"));
 
-        fetch(&release, &mirrors(), cache.path()).unwrap();
-        fetch(&release, &mirrors(), cache.path()).unwrap();
+        fetch(&release, &mirrors(), cache.path(), true).unwrap();
+        fetch(&release, &mirrors(), cache.path(), true).unwrap();
 
         assert_eq!(requests.load(Ordering::SeqCst), 1);
     }
@@ -297,7 +311,7 @@ mod tests {
         let expected = sha256_of(b"php source");
         let release = release(vec![format!("{base}/php-8.2.99.tar.xz")], expected.clone());
 
-        let error = format!("{:#}", fetch(&release, &mirrors(), cache.path()).unwrap_err());
+        let error = format!("{:#}", fetch(&release, &mirrors(), cache.path(), true).unwrap_err());
 
         assert!(error.contains("checksum mismatch"), "{error}");
         assert!(error.contains(&expected), "{error}");
@@ -314,7 +328,7 @@ mod tests {
         fs::create_dir_all(cache.path().join("sources")).unwrap();
         fs::write(cache.path().join("sources/php-8.2.99.tar.xz"), b"truncated").unwrap();
 
-        let path = fetch(&release, &mirrors(), cache.path()).unwrap();
+        let path = fetch(&release, &mirrors(), cache.path(), true).unwrap();
 
         assert_eq!(fs::read(path).unwrap(), b"php source");
         assert_eq!(requests.load(Ordering::SeqCst), 1);
@@ -326,9 +340,17 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let release = release(vec![format!("{base}/nothing-here")], "0".repeat(64));
 
-        let error = format!("{:#}", fetch(&release, &mirrors(), cache.path()).unwrap_err());
+        let error = format!("{:#}", fetch(&release, &mirrors(), cache.path(), true).unwrap_err());
 
         assert!(error.contains("404"), "{error}");
-        assert!(error.contains("put a copy of the tarball at"), "{error}");
+        let directory = cache.path().join("sources");
+        assert!(
+            error.contains(&format!(
+                "put php-8.2.99.tar.xz (sha256 {}) into the sources directory {}",
+                "0".repeat(64),
+                directory.display()
+            )),
+            "{error}"
+        );
     }
 }
