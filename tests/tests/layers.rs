@@ -462,6 +462,43 @@ fn rebuilt_zips_are_identical() {
         let second = fs::read(out_dir.path().join(&layer.zip)).unwrap();
         assert!(first == second, "{}: the second build gave a different zip", layer.name);
     }
+
+    // Nothing changed: every layer is kept as it is, zip untouched.
+    let modified = |name: &str| fs::metadata(out_dir.path().join(name)).unwrap().modified().unwrap();
+    let before: Vec<_> = manifest.layers.iter().map(|layer| modified(&layer.zip)).collect();
+    let build = |extra: &[&str]| {
+        let output = xtask("build-layers")
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out_dir.path())
+            .arg("--cache-dir")
+            .arg(&cache_dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    let again = build(&[]);
+    for (layer, before) in manifest.layers.iter().zip(&before) {
+        assert!(again.contains(&format!("layer {}: cached", layer.name)), "{again}");
+        assert_eq!(modified(&layer.zip), *before, "{} was written again", layer.name);
+    }
+
+    // --force layers assembles and zips again, without compiling.
+    let forced = build(&["--force", "layers", "--arch", "x86_64", "--layer", "function"]);
+    assert!(!forced.contains("layer php-82: cached"), "{forced}");
+    assert!(forced.contains("compile php-8.2.32 (x86_64): cached"), "{forced}");
+    let php82 = manifest.layers.iter().find(|layer| layer.name == "php-82").unwrap();
+    assert_eq!(
+        fs::read(out_dir.path().join(&php82.zip)).unwrap(),
+        fs::read(php82.zip_path()).unwrap()
+    );
+
+    // --until php stops before the layers.
+    let until = build(&["--until", "php"]);
+    assert!(!until.contains("layer php-82"), "{until}");
+    assert!(until.contains("compile php-8.2.32 (x86_64): cached"), "{until}");
 }
 
 #[test]

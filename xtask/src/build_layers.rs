@@ -17,6 +17,7 @@ use crate::flags::{Arch, BuildLayersArgs, LayerKind, PhpMinor};
 use crate::layer::{self, BundledLibraryRecord};
 use crate::matrix::{Definitions, ModuleList, PhpRelease, Target};
 use crate::mirror::Mirrors;
+use crate::stage::{self, Stage};
 use crate::{build_root, compile, host, project_root, sources};
 
 /// Lambda's limit on the unzipped size of a function and all its layers, in bytes.
@@ -67,6 +68,10 @@ pub struct ManifestLayer {
     /// Shared extensions that ship disabled, with their file names.
     pub disabled_extensions: BTreeMap<String, String>,
     pub libraries: Vec<LibraryRecord>,
+    /// Key of everything the layer was built from; an unchanged key lets
+    /// the next build keep the zip.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub inputs_key: String,
     /// The last passed acceptance test of this zip, which `cargo xtask
     /// publish` requires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +133,20 @@ struct Plan {
     jobs: usize,
     /// Whether sources may come from the URLs under layers/php/.
     use_urls: bool,
+    until: Option<Stage>,
+    force: Option<Stage>,
+}
+
+impl Plan {
+    /// Whether `stage` runs even when its result is cached.
+    fn forced(&self, stage: Stage) -> bool {
+        self.force.is_some_and(|from| from <= stage)
+    }
+
+    /// Whether the run stops before `stage`.
+    fn stops_before(&self, stage: Stage) -> bool {
+        self.until.is_some_and(|last| last < stage)
+    }
 }
 
 /// Builds the selected layers and returns their manifest entries.
@@ -148,12 +167,23 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     // or compile starts.
     let mut missing = Vec::new();
     for php in &plan.php {
-        if let Err(error) = sources::fetch(&definitions.php[php], &mirrors, &plan.cache_dir, plan.use_urls) {
+        let release = &definitions.php[php];
+        if plan.forced(Stage::Sources) {
+            let cached = plan.cache_dir.join("sources").join(release.tarball_name());
+            if cached.exists() {
+                fs::remove_file(&cached).with_context(|| format!("failed to remove {}", cached.display()))?;
+            }
+        }
+        if let Err(error) = sources::fetch(release, &mirrors, &plan.cache_dir, plan.use_urls) {
             missing.push(format!("{error:#}"));
         }
     }
     if !missing.is_empty() {
         bail!("{}", missing.join("\n"));
+    }
+    if plan.stops_before(Stage::Root) {
+        eprintln!("build-layers: stopped after the sources (--until sources)");
+        return Ok(Vec::new());
     }
 
     let mut built = Vec::new();
@@ -200,8 +230,15 @@ fn build_arch(
 ) -> Result<Vec<ManifestLayer>> {
     let target = definitions.target(arch);
     let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
+    if plan.forced(Stage::Root) {
+        build_root::remove(&recipe, &plan.cache_dir)?;
+    }
     let root = build_root::ensure(&recipe, mirrors, &plan.cache_dir)
         .with_context(|| format!("failed to prepare the {arch} build root"))?;
+    if plan.stops_before(Stage::Php) {
+        return Ok(Vec::new());
+    }
+    let previous = read_manifest(&plan.out_dir);
 
     let mut built = Vec::new();
     for php in &plan.php {
@@ -214,14 +251,35 @@ fn build_arch(
             &tarball,
             &root,
             &toolchain,
-            &plan.cache_dir,
-            plan.jobs,
+            &compile::CompileOptions {
+                cache_dir: &plan.cache_dir,
+                jobs: plan.jobs,
+                force: plan.forced(Stage::Php),
+            },
         )
         .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
+        if plan.stops_before(Stage::Layers) {
+            continue;
+        }
 
         for &kind in &plan.kinds {
             let kind_spec = definitions.kind(kind);
             let name = target.layer_name(kind_spec, *php);
+            let inputs_key = stage::layer_key(&stage::LayerInputs {
+                layers_dir: &project.join("layers"),
+                runtime_dir: &project.join("runtime"),
+                build_name: &file_name(&build.dir),
+                root_name: &file_name(&root.path),
+                kind: kind.name(),
+                arch: arch.lambda_name(),
+            })?;
+            if !plan.forced(Stage::Layers) {
+                if let Some(kept) = unchanged_layer(&previous, &name, &inputs_key, &plan.out_dir) {
+                    eprintln!("layer {name}: cached (inputs unchanged, {})", kept.zip);
+                    built.push(kept);
+                    continue;
+                }
+            }
             let contents = layer::assemble(definitions, kind, target, &build, &root, project)
                 .with_context(|| format!("failed to assemble the layer {name}"))?;
             let zip_path = plan.out_dir.join(format!("{name}.zip"));
@@ -252,11 +310,31 @@ fn build_arch(
                 modules: definitions.extensions.expected_modules(&[]).into(),
                 disabled_extensions,
                 libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
+                inputs_key,
                 acceptance: None,
             });
         }
     }
     Ok(built)
+}
+
+/// Returns the entry of the layer `name` from the previous manifest when it
+/// was built from the same inputs and its zip is still the one recorded.
+fn unchanged_layer(previous: &Manifest, name: &str, inputs_key: &str, out_dir: &Path) -> Option<ManifestLayer> {
+    let entry = previous.layers.iter().find(|layer| layer.name == name)?;
+    if entry.inputs_key != inputs_key {
+        return None;
+    }
+    let zip = out_dir.join(&entry.zip);
+    let size = fs::metadata(&zip).ok()?.len();
+    if size != entry.zip_bytes || sources::sha256_file(&zip).ok()? != entry.sha256 {
+        return None;
+    }
+    Some(entry.clone())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 /// Returns how to compile for `target`. A cross compile needs the native
@@ -297,8 +375,12 @@ fn toolchain<'a>(
         tarball,
         &native_root,
         &native_toolchain,
-        &plan.cache_dir,
-        plan.jobs,
+        &compile::CompileOptions {
+            cache_dir: &plan.cache_dir,
+            jobs: plan.jobs,
+            // Built earlier in this run when x86_64 is selected, so never forced.
+            force: false,
+        },
     )
     .with_context(|| format!("failed to compile PHP {} for {host}", release.version))?;
 
@@ -363,6 +445,8 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         cache_dir,
         jobs: args.common.jobs(),
         use_urls: !args.common.no_release_urls,
+        until: args.until,
+        force: args.force,
     })
 }
 

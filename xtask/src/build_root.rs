@@ -95,6 +95,22 @@ pub fn host_arch() -> Result<Arch> {
     }
 }
 
+/// Removes the root of `recipe`, with the PHP builds inside it, so that the
+/// next [`ensure`] creates it again.
+pub fn remove(recipe: &RootRecipe, cache_dir: &Path) -> Result<()> {
+    let path = recipe.path(cache_dir);
+    if path.exists() {
+        eprintln!(
+            "build root {} ({}): removing {} (--force)",
+            recipe.suite,
+            recipe.target,
+            path.display()
+        );
+        fs::remove_dir_all(&path).with_context(|| format!("failed to remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Returns the cached build root of `recipe`, creating it first when the
 /// cache has none.
 ///

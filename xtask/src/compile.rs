@@ -81,6 +81,17 @@ pub struct Cross<'a> {
     pub native_header: PathBuf,
 }
 
+/// Where and how [`compile`] works.
+#[derive(Clone, Copy)]
+pub struct CompileOptions<'a> {
+    /// The cache, for the compile's log.
+    pub cache_dir: &'a Path,
+    /// Parallel jobs for `make`.
+    pub jobs: usize,
+    /// Compile even when a finished build with the same inputs exists.
+    pub force: bool,
+}
+
 /// Returns the build of `release` for the root's architecture, compiling it
 /// when the cache contains no finished build with the same inputs.
 pub fn compile(
@@ -89,15 +100,15 @@ pub fn compile(
     tarball: &Path,
     root: &BuildRoot,
     toolchain: &Toolchain,
-    cache_dir: &Path,
-    jobs: usize,
+    options: &CompileOptions,
 ) -> Result<PhpBuild> {
+    let CompileOptions { cache_dir, jobs, force } = *options;
     let configure_args = configure_args(definitions, release, toolchain);
     let key = build_key(release, root, &configure_args, definitions, toolchain);
     let name = format!("php-{}-{}-{key}", release.version, root.arch);
     let dir = root.path.join(BUILDS_DIR_INSIDE).join(&name);
     let build = PhpBuild { dir: dir.clone() };
-    if dir.join(READY_MARKER).exists() {
+    if dir.join(READY_MARKER).exists() && !force {
         eprintln!("compile php-{} ({}): cached", release.version, root.arch);
         return Ok(build);
     }

@@ -53,6 +53,17 @@ pub struct BuildLayersArgs {
     #[arg(long = "layer", value_enum, value_name = "KIND")]
     pub layer: Vec<LayerKind>,
 
+    /// Stop after this stage: `--until php` fetches, prepares the roots and
+    /// compiles, and assembles no layer.
+    #[arg(long, value_enum, value_name = "STAGE")]
+    pub until: Option<crate::stage::Stage>,
+
+    /// Build this stage and every later one again, even when their inputs
+    /// did not change: `--force layers` assembles and zips the layers again
+    /// without compiling.
+    #[arg(long, value_enum, value_name = "STAGE")]
+    pub force: Option<crate::stage::Stage>,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -20,6 +20,7 @@ mod php_config;
 mod process;
 mod publish;
 mod sources;
+mod stage;
 mod test;
 
 use std::path::PathBuf;

@@ -1,0 +1,167 @@
+//! The stages of `cargo xtask build-layers`, and the input key of the layer
+//! stage (closure, assembly and zip), which lets an unchanged layer be
+//! taken from the output directory instead of being built again.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use sha2::{Digest, Sha256};
+
+/// A stage of the build, in the order they run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Fetching and verifying the PHP source tarballs.
+    Sources,
+    /// Creating the Debian build roots.
+    Root,
+    /// Compiling PHP.
+    Php,
+    /// Collecting the library closure, assembling the layers and zipping them.
+    Layers,
+}
+
+/// Version of the layer stage's own logic. Change it when a change to the
+/// closure, assembly or zip code changes what a layer contains, so that
+/// layers built by the older code are not reused.
+const LAYER_STAGE_VERSION: &str = "1";
+
+/// What the layer stage reads, apart from the compiled PHP.
+pub struct LayerInputs<'a> {
+    /// The `layers/` directory: kinds, extensions and targets.
+    pub layers_dir: &'a Path,
+    /// The `runtime/` directory: bootstraps, runtimes, ini files.
+    pub runtime_dir: &'a Path,
+    /// Name of the compiled PHP's directory, which carries the compile key.
+    pub build_name: &'a str,
+    /// Name of the build root, which carries the root's recipe key.
+    pub root_name: &'a str,
+    pub kind: &'a str,
+    pub arch: &'a str,
+}
+
+/// Returns the key of a layer: a hash of every file it is assembled from
+/// and of the stage's version. Any change in them gives another key.
+pub fn layer_key(inputs: &LayerInputs) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for part in [
+        LAYER_STAGE_VERSION,
+        inputs.build_name,
+        inputs.root_name,
+        inputs.kind,
+        inputs.arch,
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update(b"\0");
+    }
+    for file in ["kinds.toml", "extensions.toml"] {
+        hash_tree(&mut hasher, inputs.layers_dir, Path::new(file))?;
+    }
+    hash_tree(&mut hasher, inputs.layers_dir, Path::new("targets"))?;
+    hash_tree(&mut hasher, inputs.runtime_dir, Path::new(""))?;
+    Ok(crate::sources::hex(&hasher.finalize()[..8]))
+}
+
+/// Adds `relative` under `base` to the hash: for a file its path, mode and
+/// content, for a symbolic link its target, for a directory its entries in
+/// name order.
+fn hash_tree(hasher: &mut Sha256, base: &Path, relative: &Path) -> Result<()> {
+    let path = base.join(relative);
+    let metadata = fs::symlink_metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    hasher.update(relative.as_os_str().as_encoded_bytes());
+    hasher.update(b"\0");
+    if metadata.is_symlink() {
+        hasher.update(b"link\0");
+        hasher.update(fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+    } else if metadata.is_dir() {
+        let mut names: Vec<_> = fs::read_dir(&path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .map(|entry| entry.map(|entry| entry.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            hash_tree(hasher, base, &relative.join(name))?;
+        }
+    } else {
+        hasher.update(format!("file {:o}\0", metadata.permissions().mode() & 0o777).as_bytes());
+        hasher.update(fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?);
+    }
+    hasher.update(b"\0");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies `from` into `to`, files and directories only.
+    fn copy_tree(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn layer_key_follows_every_input() {
+        let project = crate::project_root();
+        let work = tempfile::tempdir().unwrap();
+        let (layers, runtime) = (work.path().join("layers"), work.path().join("runtime"));
+        copy_tree(&project.join("layers"), &layers);
+        copy_tree(&project.join("runtime"), &runtime);
+        let inputs = LayerInputs {
+            layers_dir: &layers,
+            runtime_dir: &runtime,
+            build_name: "php-8.2.32-x86_64-4f1aa6ab1208",
+            root_name: "bullseye-amd64-cec0119e06d6",
+            kind: "function",
+            arch: "x86_64",
+        };
+        let key = layer_key(&inputs).unwrap();
+        assert_eq!(layer_key(&inputs).unwrap(), key, "the same inputs gave another key");
+
+        let ini = runtime.join("function/layer-test.ini");
+        fs::write(&ini, "memory_limit = 256M\n").unwrap();
+        let with_ini = layer_key(&inputs).unwrap();
+        assert_ne!(with_ini, key, "a new ini file under runtime/ kept the key");
+        fs::write(&ini, "memory_limit = 512M\n").unwrap();
+        assert_ne!(layer_key(&inputs).unwrap(), with_ini, "an edited ini file kept the key");
+        fs::remove_file(&ini).unwrap();
+        assert_eq!(layer_key(&inputs).unwrap(), key);
+
+        let kinds = layers.join("kinds.toml");
+        let text = fs::read_to_string(&kinds).unwrap();
+        fs::write(&kinds, format!("{text}\n# changed\n")).unwrap();
+        assert_ne!(layer_key(&inputs).unwrap(), key, "a changed kinds.toml kept the key");
+        fs::write(&kinds, text).unwrap();
+
+        // A new compile (another compile key) or another root gives a new key.
+        let other_build = LayerInputs {
+            build_name: "php-8.2.32-x86_64-000000000000",
+            ..inputs
+        };
+        assert_ne!(layer_key(&other_build).unwrap(), key);
+        let fpm = LayerInputs {
+            kind: "fpm",
+            ..other_build
+        };
+        assert_ne!(layer_key(&fpm).unwrap(), layer_key(&other_build).unwrap());
+        // The PHP release files are not inputs of the layer stage: they
+        // reach it through the compile key.
+        fs::write(layers.join("php/9.9.toml"), "version = \"9.9.0\"\n").unwrap();
+        let restored = LayerInputs {
+            build_name: "php-8.2.32-x86_64-4f1aa6ab1208",
+            kind: "function",
+            ..fpm
+        };
+        assert_eq!(layer_key(&restored).unwrap(), key);
+    }
+}
