@@ -12,9 +12,9 @@
 //! a chunked one with 501. Responses reach the client with a `Content-Length`
 //! and without `Transfer-Encoding`, whatever framing the upstream used.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use crate::server_thread::ServerThread;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,6 @@ use hyper::StatusCode;
 use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 /// Maximum size in bytes of a request or response head, and of a chunk-size
 /// or trailer line.
@@ -196,8 +195,8 @@ impl Record {
 pub struct FaultProxy {
     address: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// The proxy's server; dropping it stops the proxy.
+    _server: ServerThread,
 }
 
 impl FaultProxy {
@@ -209,21 +208,8 @@ impl FaultProxy {
         if !upstream.ip().is_loopback() {
             bail!("the upstream {upstream} of the fault proxy is not a loopback address such as 127.0.0.1");
         }
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .context("failed to bind the fault proxy to a port of 127.0.0.1")?;
-        listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?;
-
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .context("failed to build the tokio runtime of the fault proxy")?;
-        let listener = {
-            let _context = runtime.enter();
-            TcpListener::from_std(listener)?
-        };
-
+        let bound = ServerThread::bind("fault proxy")?;
+        let address = bound.address();
         let shared = Arc::new(Shared {
             address,
             upstream,
@@ -231,28 +217,12 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             log: Mutex::new(RequestLog::default()),
         });
-        let (stop, stopped) = oneshot::channel::<()>();
         let server_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name(format!("fault-proxy-{}", address.port()))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    tokio::select! {
-                        () = accept_connections(listener, server_shared) => {}
-                        _ = stopped => {}
-                    }
-                });
-                // Dropping the runtime cancels the connection tasks, which
-                // closes their sockets.
-                drop(runtime);
-            })
-            .context("failed to spawn the fault proxy thread")?;
-
+        let server = bound.spawn(move |listener| accept_connections(listener, server_shared))?;
         Ok(FaultProxy {
             address,
             shared,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -298,20 +268,6 @@ impl FaultProxy {
     /// listed again when it ends.
     pub fn clear_requests(&self) {
         lock(&self.shared.log).entries.clear();
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The send fails only if the proxy thread has ended already.
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                eprintln!("fault proxy {}: the proxy thread panicked", self.address);
-            }
-        }
     }
 }
 
@@ -1013,6 +969,8 @@ fn credential_scope(authorization: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+    use std::thread;
 
     use std::io::{BufRead, ErrorKind, Read, Write};
     use std::net::TcpStream as StdTcpStream;

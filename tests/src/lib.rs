@@ -13,6 +13,7 @@ pub mod fault_proxy;
 pub mod manifest;
 pub mod runtime_api;
 pub mod sandbox;
+pub mod server_thread;
 
 pub use manifest::{Layer, Manifest};
 pub use sandbox::{LayerRoot, Output};

@@ -8,17 +8,17 @@
 //! records each departure from the protocol as a violation, so a test can end
 //! with [`RuntimeApi::assert_no_violations`].
 
+use crate::server_thread::ServerThread;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context as TaskContext, Poll};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
@@ -28,7 +28,7 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 /// Maximum size in bytes of a posted response or error body (6 MiB), after
 /// Lambda's documented 6 MB quota on synchronous responses.
@@ -190,51 +190,22 @@ impl Outcome {
 pub struct RuntimeApi {
     address: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// The server; dropping it stops the server.
+    _server: ServerThread,
 }
 
 impl RuntimeApi {
     /// Binds a free port of 127.0.0.1 and starts serving on a new thread.
     pub fn start() -> Result<RuntimeApi> {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .context("failed to bind the Runtime API server to a port of 127.0.0.1")?;
-        listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?;
-
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .context("failed to build the tokio runtime of the Runtime API server")?;
-        let listener = {
-            let _context = runtime.enter();
-            TcpListener::from_std(listener)?
-        };
-
+        let bound = ServerThread::bind("Runtime API server")?;
+        let address = bound.address();
         let shared = Arc::new(Shared::default());
-        let (stop, stopped) = oneshot::channel::<()>();
         let server_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name(format!("runtime-api-{}", address.port()))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    tokio::select! {
-                        () = accept_connections(listener, server_shared) => {}
-                        _ = stopped => {}
-                    }
-                });
-                // Dropping the runtime cancels the connection tasks, which
-                // closes their sockets.
-                drop(runtime);
-            })
-            .context("failed to spawn the Runtime API server thread")?;
-
+        let server = bound.spawn(move |listener| accept_connections(listener, server_shared))?;
         Ok(RuntimeApi {
             address,
             shared,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -391,20 +362,6 @@ impl RuntimeApi {
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-        }
-    }
-}
-
-impl Drop for RuntimeApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The send fails only if the server thread has ended already.
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                eprintln!("runtime API {}: the server thread panicked", self.address);
-            }
         }
     }
 }
@@ -982,6 +939,7 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
     use std::net::TcpStream;

@@ -181,11 +181,41 @@ fn write_dist(dir: &Path, layers: &[TestLayer], tested: bool) {
     fs::write(dir.join("manifest.json"), json!({ "layers": entries }).to_string()).unwrap();
 }
 
+/// Removes the user's AWS settings and credentials from `command`'s
+/// environment, so that only what a test gives reaches the task.
+fn without_aws_configuration(command: &mut Command) {
+    for name in [
+        "AWS_PROFILE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        command.env_remove(name);
+    }
+    command
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+}
+
+/// The test credentials, which must never appear in the task's output.
+fn test_credentials() -> [(&'static str, &'static str); 2] {
+    [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)]
+}
+
 /// Runs `cargo xtask publish` against `endpoint` with test credentials and
 /// none of the user's AWS configuration, and checks that the credentials
 /// appear nowhere in its output.
 fn publish(endpoint: &str, dist: &Path, extra: &[&str]) -> Output {
-    let output = xtask("publish")
+    let mut command = xtask("publish");
+    without_aws_configuration(&mut command);
+    let output = command
         .arg("--endpoint-url")
         .arg(endpoint)
         .arg("--out-dir")
@@ -193,16 +223,7 @@ fn publish(endpoint: &str, dist: &Path, extra: &[&str]) -> Output {
         .arg("--table")
         .arg(dist.join("layers.json"))
         .args(extra)
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_REGION")
-        .env_remove("AWS_DEFAULT_REGION")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(test_credentials())
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();
@@ -588,7 +609,9 @@ fn publish_checks_content_of_unrecorded_versions() {
 
     // No credentials: one message, and no request.
     proxy.clear_requests();
-    let output = xtask("publish")
+    let mut command = xtask("publish");
+    without_aws_configuration(&mut command);
+    let output = command
         .args([
             "--regions",
             "us-east-1",
@@ -599,16 +622,6 @@ fn publish_checks_content_of_unrecorded_versions() {
         .arg(dist.path())
         .arg("--table")
         .arg(dist.path().join("layers.json"))
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .output()
         .unwrap();
     assert!(!output.status.success(), "{}", text(&output));
@@ -701,15 +714,12 @@ fn publish_draws_bars_on_a_terminal() {
         dist.path().display()
     );
     // script(1) runs the task on a pseudo-terminal, as a user's shell would.
-    let output = Command::new("script")
+    let mut command = Command::new("script");
+    without_aws_configuration(&mut command);
+    let output = command
         .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
         .env_remove("CI")
-        .env_remove("AWS_PROFILE")
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(test_credentials())
         .stdin(Stdio::null())
         .output()
         .unwrap();

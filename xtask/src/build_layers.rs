@@ -138,12 +138,12 @@ struct Plan {
 }
 
 impl Plan {
-    /// Whether `stage` runs even when its result is cached.
+    /// Returns whether `stage` runs even when its result is cached.
     fn forced(&self, stage: Stage) -> bool {
         self.force.is_some_and(|from| from <= stage)
     }
 
-    /// Whether the run stops before `stage`.
+    /// Returns whether the run stops before `stage`.
     fn stops_before(&self, stage: Stage) -> bool {
         self.until.is_some_and(|last| last < stage)
     }

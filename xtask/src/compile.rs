@@ -81,7 +81,7 @@ pub struct Cross<'a> {
     pub native_header: PathBuf,
 }
 
-/// Where and how [`compile`] works.
+/// Settings of [`compile`]: the cache, the jobs, and whether to force.
 #[derive(Clone, Copy)]
 pub struct CompileOptions<'a> {
     /// The cache, for the compile's log.

@@ -28,7 +28,7 @@ pub enum Stage {
 /// layers built by the older code are not reused.
 const LAYER_STAGE_VERSION: &str = "1";
 
-/// What the layer stage reads, apart from the compiled PHP.
+/// Inputs of the layer stage, apart from the compiled PHP itself.
 pub struct LayerInputs<'a> {
     /// The `layers/` directory: kinds, extensions and targets.
     pub layers_dir: &'a Path,
