@@ -2,7 +2,8 @@
 //!
 //! Entries are written in sorted order with a fixed timestamp and explicit
 //! unix modes; symlinks are stored as symlinks. Nothing from the host (file
-//! times, owners, umask, directory walk order) reaches the archive.
+//! times, owners, umask, directory walk order) reaches the archive. Files
+//! are compressed in parallel, then written in order.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -10,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use zip::write::SimpleFileOptions;
+use zip::write::{PreparedZipFile, SimpleFileOptions, ZipFileBuilder};
 use zip::{CompressionMethod, DateTime, ZipWriter};
 
 /// Content of an archive entry.
@@ -70,26 +72,42 @@ pub fn write_zip(entries: &[Entry], path: &Path) -> Result<ZipSummary> {
         .last_modified_time(DateTime::default())
         .large_file(false);
 
+    // Deflate at level 9 is the slow part: every file is compressed on the
+    // rayon pool, then the archive is written in entry order.
+    let compressed: Vec<Option<(PreparedZipFile, u64)>> = sorted
+        .par_iter()
+        .map(|entry| -> Result<Option<(PreparedZipFile, u64)>> {
+            let EntrySource::File(source) = &entry.source else {
+                return Ok(None);
+            };
+            let options = base
+                .unix_permissions(entry.mode)
+                .compression_method(CompressionMethod::Deflated)
+                .compression_level(Some(COMPRESSION_LEVEL));
+            let mut file = File::open(source)
+                .with_context(|| format!("failed to open {} for {}", source.display(), entry.path))?;
+            let mut builder = ZipFileBuilder::new(entry.path.as_str(), options)?;
+            let size = io::copy(&mut file, &mut builder)
+                .with_context(|| format!("failed to compress {}", source.display()))?;
+            Ok(Some((builder.finish()?, size)))
+        })
+        .collect::<Result<_>>()?;
+
     let mut unzipped_size = 0;
-    for entry in sorted {
+    for (entry, prepared) in sorted.iter().zip(compressed) {
         let options = base.unix_permissions(entry.mode);
-        match &entry.source {
-            EntrySource::Directory => {
+        match (&entry.source, prepared) {
+            (EntrySource::Directory, _) => {
                 writer.add_directory(format!("{}/", entry.path), options)?;
             }
-            EntrySource::Symlink(target) => {
+            (EntrySource::Symlink(target), _) => {
                 writer.add_symlink(entry.path.as_str(), target.as_str(), options)?;
             }
-            EntrySource::File(source) => {
-                let mut file = File::open(source)
-                    .with_context(|| format!("failed to open {} for {}", source.display(), entry.path))?;
-                let options = options
-                    .compression_method(CompressionMethod::Deflated)
-                    .compression_level(Some(COMPRESSION_LEVEL));
-                writer.start_file(entry.path.as_str(), options)?;
-                unzipped_size += io::copy(&mut file, &mut writer)
-                    .with_context(|| format!("failed to compress {}", source.display()))?;
+            (EntrySource::File(_), Some((prepared, size))) => {
+                writer.add_prepared_file(prepared)?;
+                unzipped_size += size;
             }
+            (EntrySource::File(source), None) => bail!("{} was not compressed", source.display()),
         }
     }
     writer.finish()?.flush()?;

@@ -43,6 +43,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         page.push_str(&crate::bench_runtime::render(&figures));
     }
+    if args.runs(Benchmark::Build) {
+        let figures = crate::bench_build::measure(&definitions, &cache_dir, args.common.debian_mirror.as_deref())?;
+        if !page.ends_with("\n\n") {
+            page.push('\n');
+        }
+        page.push_str(&crate::bench_build::render(&figures));
+    }
     if args.runs(Benchmark::Publish) {
         let figures = crate::bench_publish::measure(&cache_dir)?;
         if !page.ends_with("\n\n") {
@@ -142,9 +149,9 @@ fn render_header(jobs: usize) -> String {
     let _ = writeln!(page, "# Benchmarks\n");
     let _ = writeln!(
         page,
-        "Written by `cargo xtask bench` (`--only compile`, `--only runtime` or\n\
-         `--only publish` for one section): wall times of one run on the machine\n\
-         below. They vary from run to run, so compare figures of the same run.\n"
+        "Written by `cargo xtask bench` (`--only compile`, `runtime`, `build` or\n\
+         `publish` for one section): wall times of one run on the machine below.\n\
+         They vary from run to run, so compare figures of the same run.\n"
     );
     let _ = writeln!(page, "## Machine\n");
     let _ = writeln!(page, "- CPU: {}", cpu_model());

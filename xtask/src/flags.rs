@@ -217,6 +217,9 @@ pub enum Benchmark {
     Compile,
     /// Cold start and warm overhead of the function and FPM runtimes.
     Runtime,
+    /// A no-op build-layers, the library closure against ldd, and the
+    /// layer zips against Info-ZIP.
+    Build,
     /// `cargo xtask publish` against moto through a proxy with added
     /// latency: time against the ideal, and requests per layer and region.
     Publish,

@@ -47,6 +47,12 @@ pub const PYTHON3: Tool = Tool {
     purpose: "installs moto, the AWS emulator the publish tests use",
 };
 
+pub const ZIP: Tool = Tool {
+    program: "zip",
+    package: "zip",
+    purpose: "Info-ZIP, which `cargo xtask bench` compares the layer zips with",
+};
+
 pub const APT_GET: Tool = Tool {
     program: "apt-get",
     package: "apt",

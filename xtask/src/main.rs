@@ -5,6 +5,7 @@
 
 mod archive;
 mod bench;
+mod bench_build;
 mod bench_publish;
 mod bench_runtime;
 mod build_layers;
