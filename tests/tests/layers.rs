@@ -584,3 +584,29 @@ fn unavailable_release_fails_before_any_build() {
     // Failing early: before any build root, so before any compile.
     assert!(!cache.join("roots").exists(), "a build root was started:\n{stderr}");
 }
+
+#[test]
+#[ignore = "needs the compiled PHP: run `cargo xtask test`"]
+fn stage_php_checks_compiled_binaries() {
+    let cache_dir = std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)
+        .expect("LAYERS_CACHE_DIR names the build cache; run `cargo xtask test`");
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = xtask("test")
+        .args(["--stage", "php", "--out-dir"])
+        .arg(out_dir.path())
+        .arg("--cache-dir")
+        .arg(&cache_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert!(output.status.success(), "{stderr}");
+    for arch in ["x86_64", "arm64"] {
+        assert!(
+            stderr.contains(&format!("({arch}): php and php-fpm report the release")),
+            "{stderr}"
+        );
+    }
+    assert!(!stderr.contains("layer php-82"), "layers were assembled:\n{stderr}");
+    assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 0, "{stderr}");
+}

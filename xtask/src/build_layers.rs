@@ -123,6 +123,26 @@ impl From<BundledLibraryRecord> for LibraryRecord {
     }
 }
 
+/// What a run built.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// The manifest entries of the layers, built or kept.
+    pub layers: Vec<ManifestLayer>,
+    /// The compiled PHP of each selected cell.
+    pub compiled: Vec<CompiledCell>,
+}
+
+/// A compiled PHP of one release and architecture.
+#[derive(Debug, Clone)]
+pub struct CompiledCell {
+    pub release: PhpMinor,
+    pub arch: Arch,
+    pub build: compile::PhpBuild,
+    pub root: build_root::BuildRoot,
+    /// Whether the build machine runs the binaries through qemu.
+    pub cross: bool,
+}
+
 /// The resolved selection and locations of one run.
 struct Plan {
     php: Vec<PhpMinor>,
@@ -154,7 +174,7 @@ impl Plan {
 /// Architectures build independently: when one fails, the others still
 /// finish and their zips and manifest entries are kept, and the run fails
 /// afterwards, naming each failed architecture.
-pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
+pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let started = Instant::now();
     let project = project_root();
     let definitions = Definitions::load(&project.join("layers"))?;
@@ -183,18 +203,21 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
     }
     if plan.stops_before(Stage::Root) {
         eprintln!("build-layers: stopped after the sources (--until sources)");
-        return Ok(Vec::new());
+        return Ok(Built::default());
     }
 
-    let mut built = Vec::new();
+    let mut built = Built::default();
     let mut failures = Vec::new();
     for &arch in &plan.arches {
         match build_arch(&definitions, &plan, &mirrors, &project, host, arch) {
-            Ok(layers) => {
+            Ok(outcome) => {
                 // Recorded at once, so that a later failure or interruption
                 // keeps this architecture's layers listed.
-                write_manifest(&plan.out_dir, &layers)?;
-                built.extend(layers);
+                if !outcome.layers.is_empty() {
+                    write_manifest(&plan.out_dir, &outcome.layers)?;
+                }
+                built.layers.extend(outcome.layers);
+                built.compiled.extend(outcome.compiled);
             }
             Err(error) => {
                 eprintln!("error: building for {arch} failed: {error:#}");
@@ -203,8 +226,8 @@ pub fn run(args: &BuildLayersArgs) -> Result<Vec<ManifestLayer>> {
         }
     }
 
-    if !built.is_empty() {
-        print_summary(&built, &plan.out_dir);
+    if !built.layers.is_empty() {
+        print_summary(&built.layers, &plan.out_dir);
     }
     eprintln!("build-layers: done in {:.0} s", started.elapsed().as_secs_f64());
     if !failures.is_empty() {
@@ -227,7 +250,7 @@ fn build_arch(
     project: &Path,
     host: Arch,
     arch: Arch,
-) -> Result<Vec<ManifestLayer>> {
+) -> Result<Built> {
     let target = definitions.target(arch);
     let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
     if plan.forced(Stage::Root) {
@@ -236,11 +259,11 @@ fn build_arch(
     let root = build_root::ensure(&recipe, mirrors, &plan.cache_dir)
         .with_context(|| format!("failed to prepare the {arch} build root"))?;
     if plan.stops_before(Stage::Php) {
-        return Ok(Vec::new());
+        return Ok(Built::default());
     }
     let previous = read_manifest(&plan.out_dir);
 
-    let mut built = Vec::new();
+    let mut built = Built::default();
     for php in &plan.php {
         let release = &definitions.php[php];
         let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
@@ -258,6 +281,13 @@ fn build_arch(
             },
         )
         .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
+        built.compiled.push(CompiledCell {
+            release: *php,
+            arch,
+            build: build.clone(),
+            root: root.clone(),
+            cross: toolchain.cross.is_some(),
+        });
         if plan.stops_before(Stage::Layers) {
             continue;
         }
@@ -276,7 +306,7 @@ fn build_arch(
             if !plan.forced(Stage::Layers) {
                 if let Some(kept) = unchanged_layer(&previous, &name, &inputs_key, &plan.out_dir) {
                     eprintln!("layer {name}: cached (inputs unchanged, {})", kept.zip);
-                    built.push(kept);
+                    built.layers.push(kept);
                     continue;
                 }
             }
@@ -291,7 +321,7 @@ fn build_arch(
                 .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
                 .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
                 .collect();
-            built.push(ManifestLayer {
+            built.layers.push(ManifestLayer {
                 name: name.clone(),
                 kind,
                 architecture: arch,

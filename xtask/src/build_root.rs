@@ -212,6 +212,7 @@ impl BuildRoot {
             env: Vec::new(),
             network: false,
             cwd: None,
+            binds: Vec::new(),
         }
     }
 }
@@ -227,6 +228,8 @@ pub struct RootCommand {
     env: Vec<(String, String)>,
     network: bool,
     cwd: Option<String>,
+    /// Host paths bound read-only inside the root, with their place there.
+    binds: Vec<(PathBuf, String)>,
 }
 
 impl RootCommand {
@@ -248,6 +251,12 @@ impl RootCommand {
     /// Shares the host's network (for apt-get); off by default.
     pub fn network(mut self, enabled: bool) -> Self {
         self.network = enabled;
+        self
+    }
+
+    /// Binds the host file `host` read-only at `inside` in the root.
+    pub fn bind_ro(mut self, host: &Path, inside: &str) -> Self {
+        self.binds.push((host.to_path_buf(), inside.to_string()));
         self
     }
 
@@ -292,6 +301,9 @@ impl RootCommand {
         }
         for (key, value) in &self.env {
             command.arg("--setenv").arg(key).arg(value);
+        }
+        for (host, inside) in &self.binds {
+            command.arg("--ro-bind").arg(host).arg(inside);
         }
         if let Some(cwd) = &self.cwd {
             command.args(["--chdir", cwd]);

@@ -109,6 +109,13 @@ pub struct TestArgs {
     #[command(flatten)]
     pub build: BuildLayersArgs,
 
+    /// Check one stage instead of running every test: `--stage php`
+    /// compiles the selected cells (or takes them from the cache) and runs
+    /// their php and php-fpm inside the build root, without assembling
+    /// layers: the release, and `php -m` against extensions.toml.
+    #[arg(long, value_enum, value_name = "STAGE")]
+    pub stage: Option<TestStage>,
+
     /// Only run the tests whose names contain one of these strings, as
     /// `cargo test` filters them (`cargo xtask test -- fpm_runtime`).
     #[arg(last = true, value_name = "FILTER")]
@@ -208,6 +215,13 @@ pub struct PublishArgs {
     /// [default: dist/ in the workspace]
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+}
+
+/// A stage `cargo xtask test --stage` can check alone.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestStage {
+    /// The compiled php and php-fpm.
+    Php,
 }
 
 /// A part of `cargo xtask bench`.

@@ -17,6 +17,7 @@ mod host;
 mod layer;
 mod matrix;
 mod mirror;
+mod php_check;
 mod php_config;
 mod process;
 mod publish;

@@ -10,7 +10,7 @@ use xshell::{cmd, Shell};
 
 use crate::build_layers;
 use crate::build_root::{self, BuildRoot, RootRecipe};
-use crate::flags::{Arch, TestArgs};
+use crate::flags::{Arch, TestArgs, TestStage};
 use crate::matrix::Definitions;
 use crate::{host, project_root};
 
@@ -31,6 +31,9 @@ pub const BUILD_ROOT_VAR_PREFIX: &str = "LAYERS_BUILD_ROOT_";
 pub const TEST_SHELL_VAR_PREFIX: &str = "LAYERS_TEST_SHELL_";
 
 pub fn run(args: &TestArgs) -> Result<()> {
+    if args.stage == Some(TestStage::Php) {
+        return check_php(args);
+    }
     let project = project_root();
     if !args.no_build {
         build_layers::run(&args.build)?;
@@ -82,6 +85,34 @@ pub fn run(args: &TestArgs) -> Result<()> {
     } else {
         eprintln!("test: filters given, so the pass is not recorded as the layers' acceptance test");
     }
+    Ok(())
+}
+
+/// `--stage php`: compiles the selected cells, or takes them from the
+/// cache, and checks their binaries without assembling layers.
+fn check_php(args: &TestArgs) -> Result<()> {
+    if !args.filters.is_empty() || args.no_build {
+        bail!("--stage php takes neither test filters nor --no-build");
+    }
+    let mut build_args = args.build.clone();
+    build_args.until = Some(crate::stage::Stage::Php);
+    let built = build_layers::run(&build_args)?;
+    let definitions = Definitions::load(&project_root().join("layers"))?;
+    let mut failures = Vec::new();
+    for cell in &built.compiled {
+        let release = &definitions.php[&cell.release];
+        match crate::php_check::check(&definitions, release, &cell.build, &cell.root, cell.cross) {
+            Ok(summary) => eprintln!("test: {summary}"),
+            Err(error) => {
+                eprintln!("test: php {} ({}) failed: {error:#}", release.version, cell.arch);
+                failures.push(format!("{} ({})", release.version, cell.arch));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("the php checks failed for {}", failures.join(", "));
+    }
+    eprintln!("test: the php checks passed for {} builds", built.compiled.len());
     Ok(())
 }
 
