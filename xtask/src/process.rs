@@ -51,7 +51,11 @@ pub fn run_logged_as(mut command: Command, summary: &str, log: &Path) -> Result<
         .stderr(Stdio::from(stderr))
         .spawn()
         .with_context(|| format!("failed to start `{line}`"))?;
-    let status = wait_with_heartbeat(&mut child, summary, started)?;
+    let status = if live_view() {
+        wait_with_spinner(&mut child, summary, log)?
+    } else {
+        wait_with_heartbeat(&mut child, summary, started)?
+    };
     let mut file = OpenOptions::new().append(true).open(log)?;
     writeln!(file, "# {status} after {:.1} s", started.elapsed().as_secs_f64())?;
 
@@ -81,6 +85,52 @@ fn wait_with_heartbeat(child: &mut Child, summary: &str, started: Instant) -> Re
         }
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Returns whether stderr is a terminal outside CI, where a live line can
+/// replace the periodic heartbeat.
+fn live_view() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
+}
+
+/// Waits for `child`, showing a spinner with the elapsed time and the last
+/// line of its log, such as the file the compiler is on.
+fn wait_with_spinner(child: &mut Child, summary: &str, log: &Path) -> Result<ExitStatus> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("  {spinner} {elapsed:>4} {wide_msg}")
+            .expect("the spinner template is valid"),
+    );
+    let program = summary.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    loop {
+        if let Some(status) = child.try_wait()? {
+            spinner.finish_and_clear();
+            return Ok(status);
+        }
+        let last = last_line(log).unwrap_or_default();
+        spinner.set_message(format!("{program} | {last}"));
+        spinner.tick();
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Returns the last non-empty line of `log`, read from its end.
+fn last_line(log: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(log)?;
+    let length = file.metadata()?.len();
+    file.seek(SeekFrom::Start(length.saturating_sub(4096)))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let text = String::from_utf8_lossy(&tail);
+    Ok(text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Runs `command`, echoed, with its output passed through to the terminal.
@@ -152,6 +202,22 @@ mod tests {
         assert!(error.contains("line 62\n"), "{error}");
         assert!(!error.contains("line 61\n"), "{error}");
         assert!(error.contains(&log.display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn last_line_skips_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stage.log");
+        let long: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        fs::write(
+            &log,
+            format!("{long}/bin/bash ./libtool --mode=compile cc ext/standard/array.c\n\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            last_line(&log).unwrap(),
+            "/bin/bash ./libtool --mode=compile cc ext/standard/array.c"
+        );
     }
 
     #[test]
