@@ -683,6 +683,44 @@ mod tests {
     }
 
     #[test]
+    fn layer_is_kept_only_when_key_and_zip_match() {
+        let out_dir = tempfile::tempdir().unwrap();
+        let zip = out_dir.path().join("php-82.zip");
+        fs::write(&zip, b"zip bytes").unwrap();
+        let mut entry: ManifestLayer = serde_json::from_value(serde_json::json!({
+            "name": "php-82", "kind": "function", "architecture": "x86_64", "php_version": "8.2.32",
+            "description": "", "compatible_runtimes": [], "compatible_architectures": [], "glibc_max": "2.34",
+            "ld_library_path": "", "loader": "", "zip": "php-82.zip", "code_sha256": "",
+            "sha256": sources::sha256_file(&zip).unwrap(), "zip_bytes": 9, "unzipped_bytes": 9,
+            "modules": {"php": [], "zend": []}, "disabled_extensions": {}, "libraries": [],
+        }))
+        .unwrap();
+        entry.inputs_key = "k1".to_string();
+        let previous = Manifest { layers: vec![entry] };
+
+        assert!(unchanged_layer(&previous, "php-82", "k1", out_dir.path()).is_some());
+        assert!(
+            unchanged_layer(&previous, "php-82", "k2", out_dir.path()).is_none(),
+            "another key"
+        );
+        assert!(
+            unchanged_layer(&previous, "php-83", "k1", out_dir.path()).is_none(),
+            "another layer"
+        );
+        // A zip replaced by an interrupted or other build is not reused.
+        fs::write(&zip, b"zip byteZ").unwrap();
+        assert!(
+            unchanged_layer(&previous, "php-82", "k1", out_dir.path()).is_none(),
+            "changed zip"
+        );
+        fs::remove_file(&zip).unwrap();
+        assert!(
+            unchanged_layer(&previous, "php-82", "k1", out_dir.path()).is_none(),
+            "missing zip"
+        );
+    }
+
+    #[test]
     fn arch_flag_selects_arm64() {
         let plan = plan_for(&["--arch", "arm64"]).unwrap();
         assert_eq!(plan.arches, [Arch::Arm64]);

@@ -389,3 +389,52 @@ fn newest_mtime(dir: &Path) -> Result<u64> {
     }
     Ok(seconds)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flags::Arch;
+
+    #[test]
+    fn build_key_follows_compile_inputs() {
+        let layers = crate::project_root().join("layers");
+        let mut definitions = Definitions::load(&layers).unwrap();
+        let targets = Definitions::load(&layers).unwrap().targets;
+        let toolchain = Toolchain {
+            target: &targets[&Arch::X86_64],
+            cross: None,
+        };
+        let root = BuildRoot {
+            path: PathBuf::from("/cache/roots/bullseye-amd64-cec0119e06d6"),
+            arch: Arch::X86_64,
+        };
+        let php = "8.2".parse().unwrap();
+        let key = |definitions: &Definitions, root: &BuildRoot| {
+            let release = &definitions.php[&php];
+            let args = configure_args(definitions, release, &toolchain);
+            build_key(release, root, &args, definitions, &toolchain)
+        };
+        let base = key(&definitions, &root);
+        assert_eq!(key(&definitions, &root), base, "the same inputs gave another key");
+
+        let release = definitions.php.get_mut(&php).unwrap();
+        release.configure.add.push("--enable-embed".to_string());
+        assert_ne!(key(&definitions, &root), base, "a configure switch kept the key");
+        definitions.php.get_mut(&php).unwrap().configure.add.clear();
+
+        definitions.configure.cflags.push_str(" -g");
+        assert_ne!(key(&definitions, &root), base, "CFLAGS kept the key");
+        definitions.configure.cflags = Definitions::load(&layers).unwrap().configure.cflags;
+
+        definitions.php.get_mut(&php).unwrap().sha256 = "0".repeat(64);
+        assert_ne!(key(&definitions, &root), base, "another tarball kept the key");
+        definitions.php.get_mut(&php).unwrap().sha256 = Definitions::load(&layers).unwrap().php[&php].sha256.clone();
+
+        let other_root = BuildRoot {
+            path: PathBuf::from("/cache/roots/bullseye-amd64-000000000000"),
+            arch: Arch::X86_64,
+        };
+        assert_ne!(key(&definitions, &other_root), base, "another build root kept the key");
+        assert_eq!(key(&definitions, &root), base);
+    }
+}
