@@ -1,7 +1,8 @@
-//! The build part of `cargo xtask bench`: a no-op `build-layers`, the
-//! library closure of the whole PHP tree against `ldd` run on every file
-//! inside the build root (the method of Dockerfile pipelines), and the
-//! layer zips against Info-ZIP's `zip -r -9 --symlinks` on the same trees.
+//! The build part of `cargo xtask bench`. It times a no-op `build-layers`.
+//! It compares the library closure of the whole PHP tree with `ldd` run on
+//! every file inside the build root, the method of Dockerfile pipelines.
+//! And it compares the layer zips with Info-ZIP's `zip -r -9 --symlinks`
+//! on the same trees.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -158,7 +159,7 @@ pub fn measure(definitions: &Definitions, cache_dir: &Path, debian_mirror: Optio
     })
 }
 
-/// Every ELF file of the installed PHP tree: binaries and extensions.
+/// Returns every ELF file of the installed PHP tree: binaries and extensions.
 fn php_tree_elf_files(build: &PhpBuild) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![build.prefix()];

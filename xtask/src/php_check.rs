@@ -13,7 +13,7 @@ use crate::build_root::BuildRoot;
 use crate::compile::PhpBuild;
 use crate::matrix::{Definitions, ModuleList, PhpRelease};
 
-/// Where the build root holds the host's qemu for a cross-compiled target.
+/// Path of the host's qemu inside the build root, for a cross-compiled target.
 const QEMU_INSIDE: &str = "/usr/bin/qemu-aarch64-static";
 
 /// Runs the checks of one compiled PHP, and returns a one-line summary.
