@@ -188,14 +188,26 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let mut missing = Vec::new();
     for php in &plan.php {
         let release = &definitions.php[php];
-        if plan.forced(Stage::Sources) {
-            let cached = plan.cache_dir.join("sources").join(release.tarball_name());
-            if cached.exists() {
-                fs::remove_file(&cached).with_context(|| format!("failed to remove {}", cached.display()))?;
-            }
+        // A forced fetch keeps the cached tarball aside until a new one
+        // is verified: a tarball put there by hand may have no other source.
+        let cached = plan.cache_dir.join("sources").join(release.tarball_name());
+        let previous = cached.with_extension("xz.previous");
+        if plan.forced(Stage::Sources) && cached.exists() {
+            fs::rename(&cached, &previous).with_context(|| format!("failed to move {} aside", cached.display()))?;
         }
-        if let Err(error) = sources::fetch(release, &mirrors, &plan.cache_dir, plan.use_urls) {
-            missing.push(format!("{error:#}"));
+        match sources::fetch(release, &mirrors, &plan.cache_dir, plan.use_urls) {
+            Ok(_) if previous.exists() => fs::remove_file(&previous)?,
+            Ok(_) => {}
+            Err(error) => {
+                if previous.exists() {
+                    fs::rename(&previous, &cached)?;
+                    eprintln!(
+                        "source php-{}: kept the cached tarball, since no new one could be fetched",
+                        release.version
+                    );
+                }
+                missing.push(format!("{error:#}"));
+            }
         }
     }
     if !missing.is_empty() {
@@ -209,25 +221,26 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let mut built = Built::default();
     let mut failures = Vec::new();
     for &arch in &plan.arches {
-        match build_arch(&definitions, &plan, &mirrors, &project, host, arch) {
-            Ok(outcome) => {
-                // Recorded at once, so that a later failure or interruption
-                // keeps this architecture's layers listed.
-                if !outcome.layers.is_empty() {
-                    write_manifest(&plan.out_dir, &outcome.layers)?;
-                }
-                built.layers.extend(outcome.layers);
-                built.compiled.extend(outcome.compiled);
-            }
-            Err(error) => {
-                eprintln!("error: building for {arch} failed: {error:#}");
-                failures.push(format!("{arch}: {error:#}"));
-            }
+        let mut outcome = Built::default();
+        let result = build_arch(&definitions, &plan, &mirrors, &project, host, arch, &mut outcome);
+        // Recorded at once, even after a failure, so that the zips written
+        // so far and a later interruption keep this architecture's layers
+        // listed.
+        if !outcome.layers.is_empty() {
+            write_manifest(&plan.out_dir, &outcome.layers)?;
+        }
+        built.layers.extend(outcome.layers);
+        built.compiled.extend(outcome.compiled);
+        if let Err(error) = result {
+            eprintln!("error: building for {arch} failed: {error:#}");
+            failures.push(format!("{arch}: {error:#}"));
         }
     }
 
     if !built.layers.is_empty() {
         print_summary(&built.layers, &plan.out_dir);
+    } else if let Some(until) = plan.until {
+        eprintln!("build-layers: stopped after the {until:?} stage (--until)");
     }
     eprintln!("build-layers: done in {:.0} s", started.elapsed().as_secs_f64());
     if !failures.is_empty() {
@@ -250,7 +263,8 @@ fn build_arch(
     project: &Path,
     host: Arch,
     arch: Arch,
-) -> Result<Built> {
+    built: &mut Built,
+) -> Result<()> {
     let target = definitions.target(arch);
     let recipe = RootRecipe::new(&definitions.build_root, target, host)?;
     if plan.forced(Stage::Root) {
@@ -259,11 +273,10 @@ fn build_arch(
     let root = build_root::ensure(&recipe, mirrors, &plan.cache_dir)
         .with_context(|| format!("failed to prepare the {arch} build root"))?;
     if plan.stops_before(Stage::Php) {
-        return Ok(Built::default());
+        return Ok(());
     }
     let previous = read_manifest(&plan.out_dir);
 
-    let mut built = Built::default();
     for php in &plan.php {
         let release = &definitions.php[php];
         let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
@@ -298,8 +311,8 @@ fn build_arch(
             let inputs_key = stage::layer_key(&stage::LayerInputs {
                 layers_dir: &project.join("layers"),
                 runtime_dir: &project.join("runtime"),
-                build_name: &file_name(&build.dir),
-                root_name: &file_name(&root.path),
+                build_name: &stage::identity(&build.dir)?,
+                root_name: &stage::identity(&root.path)?,
                 kind: kind.name(),
                 arch: arch.lambda_name(),
             })?;
@@ -345,7 +358,7 @@ fn build_arch(
             });
         }
     }
-    Ok(built)
+    Ok(())
 }
 
 /// Returns the entry of the layer `name` from the previous manifest when it
@@ -361,10 +374,6 @@ fn unchanged_layer(previous: &Manifest, name: &str, inputs_key: &str, out_dir: &
         return None;
     }
     Some(entry.clone())
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 /// Returns how to compile for `target`. A cross compile needs the native
@@ -461,6 +470,12 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         args.layer.clone()
     };
 
+    if let (Some(force), Some(until)) = (args.force, args.until) {
+        if force > until {
+            bail!("--force {force:?} names a stage after --until {until:?}, which never runs: drop one of them");
+        }
+    }
+
     let out_dir = args.common.out_dir(project);
     let cache_dir = args.common.cache_dir(project);
     for dir in [&out_dir, &cache_dir] {
@@ -526,6 +541,9 @@ fn write_manifest(out_dir: &Path, built: &[ManifestLayer]) -> Result<()> {
             .layers
             .iter()
             .find(|old| old.name == new.name)
+            // The tests also read the manifest entry (modules, libraries,
+            // loader), so the inputs must be the same too.
+            .filter(|old| old.inputs_key == new.inputs_key)
             .and_then(|old| old.acceptance.clone())
             .filter(|acceptance| acceptance.zip_sha256 == new.sha256);
         new.acceptance = passed;
@@ -718,6 +736,16 @@ mod tests {
             unchanged_layer(&previous, "php-82", "k1", out_dir.path()).is_none(),
             "missing zip"
         );
+    }
+
+    #[test]
+    fn force_after_until_is_rejected() {
+        let error = plan_for(&["--force", "layers", "--until", "php"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("never runs"), "{error}");
+        plan_for(&["--force", "php", "--until", "php"]).unwrap();
     }
 
     #[test]

@@ -15,9 +15,7 @@ use crate::host;
 use crate::matrix::{BuildRootSpec, Target};
 use crate::mirror::Mirrors;
 use crate::process;
-
-/// File written into a build root once it is complete.
-const READY_MARKER: &str = ".php-lambda-layers-ready";
+use crate::stage::READY_MARKER;
 
 /// A complete build root on the host.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use crate::host;
 use crate::matrix::{CrossSpec, Definitions, PhpRelease, Target};
 use crate::php_config;
 use crate::process;
+use crate::stage::READY_MARKER;
 
 /// PHP's install prefix, as configure.toml sets it.
 pub const PREFIX: &str = "/opt/bref";
@@ -20,9 +21,6 @@ pub const PREFIX: &str = "/opt/bref";
 /// Version of the compile steps in this file: changing it invalidates
 /// every cached build. Raise it when a change alters the compiled files.
 const RECIPE_VERSION: &str = "2";
-
-/// Marker file of a finished build.
-const READY_MARKER: &str = ".php-lambda-layers-ready";
 
 /// Directory of the builds inside the build root. Builds live inside the
 /// root so that the closure resolves their binaries as the root's own files.

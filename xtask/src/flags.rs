@@ -60,7 +60,8 @@ pub struct BuildLayersArgs {
 
     /// Build this stage and every later one again, even when their inputs
     /// did not change: `--force layers` assembles and zips the layers again
-    /// without compiling.
+    /// without compiling. The x86_64 build that arm64 is checked against
+    /// is only rebuilt when x86_64 is selected too.
     #[arg(long, value_enum, value_name = "STAGE")]
     pub force: Option<crate::stage::Stage>,
 

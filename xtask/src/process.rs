@@ -104,9 +104,10 @@ fn wait_with_spinner(child: &mut Child, summary: &str, log: &Path) -> Result<Exi
     );
     let program = summary.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     loop {
-        if let Some(status) = child.try_wait()? {
+        let exited = child.try_wait();
+        if !matches!(exited, Ok(None)) {
             spinner.finish_and_clear();
-            return Ok(status);
+            return Ok(exited?.expect("the child has exited"));
         }
         let last = last_line(log).unwrap_or_default();
         spinner.set_message(format!("{program} | {last}"));
@@ -124,13 +125,15 @@ fn last_line(log: &Path) -> Result<String> {
     let mut tail = Vec::new();
     file.read_to_end(&mut tail)?;
     let text = String::from_utf8_lossy(&tail);
-    Ok(text
+    // Progress output redraws its line with carriage returns: the last
+    // segment is what a terminal would show.
+    let line = text
         .lines()
         .rev()
-        .map(str::trim)
+        .map(|line| line.rsplit('\r').next().unwrap_or_default().trim())
         .find(|line| !line.is_empty())
-        .unwrap_or_default()
-        .to_string())
+        .unwrap_or_default();
+    Ok(line.chars().filter(|c| !c.is_control()).collect())
 }
 
 /// Runs `command`, echoed, with its output passed through to the terminal.
@@ -218,6 +221,8 @@ mod tests {
             last_line(&log).unwrap(),
             "/bin/bash ./libtool --mode=compile cc ext/standard/array.c"
         );
+        fs::write(&log, "Get: 10%\rGet: 55% \u{1b}[K\n").unwrap();
+        assert_eq!(last_line(&log).unwrap(), "Get: 55% [K");
     }
 
     #[test]

@@ -30,15 +30,20 @@ pub fn fetch(release: &PhpRelease, mirrors: &Mirrors, cache_dir: &Path, use_urls
     let target = dir.join(release.tarball_name());
 
     if target.exists() {
-        match verify(&target, &release.sha256) {
-            Ok(()) => {
-                eprintln!("source php-{}: cached", release.version);
-                return Ok(target);
-            }
-            Err(error) => {
-                eprintln!("warning: {error:#}; downloading it again");
-            }
+        let actual = sha256_file(&target)?;
+        if actual == release.sha256 {
+            eprintln!("source php-{}: cached", release.version);
+            return Ok(target);
         }
+        // A copy put there by hand is kept for a look, not deleted.
+        let aside = dir.join(format!("{}.bad", release.tarball_name()));
+        fs::rename(&target, &aside).with_context(|| format!("failed to move {} aside", target.display()))?;
+        eprintln!(
+            "warning: {} has sha256 {actual}, not {}; moved to {}, fetching the source again",
+            target.display(),
+            release.sha256,
+            aside.display()
+        );
     }
 
     let mut failures = Vec::new();
@@ -332,6 +337,9 @@ mod tests {
 
         assert_eq!(fs::read(path).unwrap(), b"php source");
         assert_eq!(requests.load(Ordering::SeqCst), 1);
+        // The wrong copy is kept aside for a look.
+        let aside = cache.path().join("sources/php-8.2.99.tar.xz.bad");
+        assert_eq!(fs::read(aside).unwrap(), b"truncated");
     }
 
     #[test]

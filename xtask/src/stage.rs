@@ -34,12 +34,33 @@ pub struct LayerInputs<'a> {
     pub layers_dir: &'a Path,
     /// The `runtime/` directory: bootstraps, runtimes, ini files.
     pub runtime_dir: &'a Path,
-    /// Name of the compiled PHP's directory, which carries the compile key.
+    /// Identity of the compiled PHP: see [`identity`].
     pub build_name: &'a str,
-    /// Name of the build root, which carries the root's recipe key.
+    /// Identity of the build root: see [`identity`].
     pub root_name: &'a str,
     pub kind: &'a str,
     pub arch: &'a str,
+}
+
+/// Name of the file that marks a finished build root or compiled PHP,
+/// written last.
+pub const READY_MARKER: &str = ".php-lambda-layers-ready";
+
+/// Returns the identity of a finished build root or compiled PHP: its
+/// directory name, which carries its input key, and the time its ready
+/// marker was written. A directory built again under the same name (after
+/// `--force root`, or removed by hand) gets another identity, so that the
+/// layers built from the older one are not kept.
+pub fn identity(dir: &Path) -> Result<String> {
+    let marker = dir.join(READY_MARKER);
+    let written = fs::metadata(&marker)
+        .and_then(|metadata| metadata.modified())
+        .with_context(|| format!("cannot read {}", marker.display()))?;
+    let nanos = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    Ok(format!("{name}@{nanos}"))
 }
 
 /// Returns the key of a layer: a hash of every file it is assembled from
@@ -111,6 +132,27 @@ mod tests {
     }
 
     #[test]
+    fn identity_changes_when_rebuilt() {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join("bullseye-amd64-cec0119e06d6");
+        fs::create_dir(&dir).unwrap();
+        assert!(identity(&dir).is_err(), "an unfinished directory has an identity");
+        fs::write(dir.join(READY_MARKER), "first").unwrap();
+        let first = identity(&dir).unwrap();
+        assert!(first.starts_with("bullseye-amd64-cec0119e06d6@"), "{first}");
+        assert_eq!(identity(&dir).unwrap(), first);
+
+        // Built again under the same name: the marker is written anew.
+        fs::remove_dir_all(&dir).unwrap();
+        fs::create_dir(&dir).unwrap();
+        let marker = fs::File::create(dir.join(READY_MARKER)).unwrap();
+        marker
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_ne!(identity(&dir).unwrap(), first);
+    }
+
+    #[test]
     fn layer_key_follows_every_input() {
         let project = crate::project_root();
         let work = tempfile::tempdir().unwrap();
@@ -127,6 +169,17 @@ mod tests {
         };
         let key = layer_key(&inputs).unwrap();
         assert_eq!(layer_key(&inputs).unwrap(), key, "the same inputs gave another key");
+
+        let shipped = runtime.join("php/conf.d/10-layer.ini");
+        let text = fs::read_to_string(&shipped).unwrap();
+        fs::write(&shipped, format!("{text}memory_limit = 256M\n")).unwrap();
+        assert_ne!(
+            layer_key(&inputs).unwrap(),
+            key,
+            "an edited shipped ini file kept the key"
+        );
+        fs::write(&shipped, text).unwrap();
+        assert_eq!(layer_key(&inputs).unwrap(), key);
 
         let ini = runtime.join("function/layer-test.ini");
         fs::write(&ini, "memory_limit = 256M\n").unwrap();

@@ -91,8 +91,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
 /// `--stage php`: compiles the selected cells, or takes them from the
 /// cache, and checks their binaries without assembling layers.
 fn check_php(args: &TestArgs) -> Result<()> {
-    if !args.filters.is_empty() || args.no_build {
-        bail!("--stage php takes neither test filters nor --no-build");
+    if !args.filters.is_empty() || args.no_build || args.build.until.is_some() {
+        bail!("--stage php takes no test filters, --no-build or --until: it builds until php itself");
     }
     let mut build_args = args.build.clone();
     build_args.until = Some(crate::stage::Stage::Php);
@@ -112,7 +112,11 @@ fn check_php(args: &TestArgs) -> Result<()> {
     if !failures.is_empty() {
         bail!("the php checks failed for {}", failures.join(", "));
     }
-    eprintln!("test: the php checks passed for {} builds", built.compiled.len());
+    let count = built.compiled.len();
+    eprintln!(
+        "test: the php checks passed for {count} {}",
+        if count == 1 { "build" } else { "builds" }
+    );
     Ok(())
 }
 
