@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -277,86 +278,163 @@ fn build_arch(
     }
     let previous = read_manifest(&plan.out_dir);
 
-    for php in &plan.php {
-        let release = &definitions.php[php];
-        let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
-        let toolchain = toolchain(definitions, plan, mirrors, host, target, release, &tarball)?;
-        let build = compile::compile(
-            definitions,
-            release,
-            &tarball,
-            &root,
-            &toolchain,
-            &compile::CompileOptions {
-                cache_dir: &plan.cache_dir,
-                jobs: plan.jobs,
-                force: plan.forced(Stage::Php),
-            },
-        )
-        .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
-        built.compiled.push(CompiledCell {
-            release: *php,
-            arch,
-            build: build.clone(),
-            root: root.clone(),
-            cross: toolchain.cross.is_some(),
-        });
-        if plan.stops_before(Stage::Layers) {
-            continue;
-        }
-
-        for &kind in &plan.kinds {
-            let kind_spec = definitions.kind(kind);
-            let name = target.layer_name(kind_spec, *php);
-            let inputs_key = stage::layer_key(&stage::LayerInputs {
-                layers_dir: &project.join("layers"),
-                runtime_dir: &project.join("runtime"),
-                build_name: &stage::identity(&build.dir)?,
-                root_name: &stage::identity(&root.path)?,
-                kind: kind.name(),
-                arch: arch.lambda_name(),
-            })?;
-            if !plan.forced(Stage::Layers) {
-                if let Some(kept) = unchanged_layer(&previous, &name, &inputs_key, &plan.out_dir) {
-                    eprintln!("layer {name}: cached (inputs unchanged, {})", kept.zip);
-                    built.layers.push(kept);
-                    continue;
-                }
-            }
-            let contents = layer::assemble(definitions, kind, target, &build, &root, project)
-                .with_context(|| format!("failed to assemble the layer {name}"))?;
-            let zip_path = plan.out_dir.join(format!("{name}.zip"));
-            let summary = write_layer(&name, &contents.entries, &zip_path)?;
-
-            let disabled_extensions = definitions
-                .extensions
-                .shared()
-                .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
-                .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
-                .collect();
-            built.layers.push(ManifestLayer {
-                name: name.clone(),
-                kind,
-                architecture: arch,
-                php_version: release.version.clone(),
-                description: kind_spec.description.replace("{version}", &release.version),
-                compatible_runtimes: vec![COMPATIBLE_RUNTIME.to_string()],
-                compatible_architectures: vec![target.lambda_architecture.clone()],
-                glibc_max: target.glibc_max.to_string(),
-                ld_library_path: target.ld_library_path.clone(),
-                loader: target.loader.clone(),
-                zip: format!("{name}.zip"),
-                sha256: summary.sha256,
-                code_sha256: summary.code_sha256,
-                zip_bytes: summary.size,
-                unzipped_bytes: summary.unzipped_size,
-                modules: definitions.extensions.expected_modules(&[]).into(),
-                disabled_extensions,
-                libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
-                inputs_key,
-                acceptance: None,
+    // PHP versions compile side by side when there are cores for it, with
+    // the make jobs shared out so that the machine is not oversubscribed.
+    let (parallel, jobs) = cell_slots(plan.php.len(), plan.jobs);
+    let queue = Mutex::new(plan.php.iter());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            scope.spawn(|| loop {
+                let Some(php) = lock(&queue).next() else {
+                    return;
+                };
+                let mut cell = Built::default();
+                let cell_context = CellContext {
+                    definitions,
+                    plan,
+                    mirrors,
+                    project,
+                    host,
+                    arch,
+                    root: &root,
+                    previous: &previous,
+                };
+                let result = build_cell(&cell_context, *php, jobs, &mut cell);
+                lock(&results).push((*php, cell, result));
             });
         }
+    });
+
+    let mut results = results.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    results.sort_by_key(|(php, _, _)| *php);
+    let mut first_error = None;
+    for (_, cell, result) in results {
+        built.layers.extend(cell.layers);
+        built.compiled.extend(cell.compiled);
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Returns how many cells run at once and the make jobs of each: one cell
+/// per job at most, and every job used.
+fn cell_slots(cells: usize, jobs: usize) -> (usize, usize) {
+    let parallel = cells.min(jobs).max(1);
+    (parallel, (jobs / parallel).max(1))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the cells of one architecture share.
+struct CellContext<'a> {
+    definitions: &'a Definitions,
+    plan: &'a Plan,
+    mirrors: &'a Mirrors,
+    project: &'a Path,
+    host: Arch,
+    arch: Arch,
+    root: &'a build_root::BuildRoot,
+    /// The manifest before this run, for the layers kept.
+    previous: &'a Manifest,
+}
+
+/// Compiles one PHP version for the context's architecture and builds its
+/// layers into `built`.
+fn build_cell(context: &CellContext, php: PhpMinor, jobs: usize, built: &mut Built) -> Result<()> {
+    let CellContext {
+        definitions,
+        plan,
+        mirrors,
+        project,
+        arch,
+        root,
+        previous,
+        ..
+    } = *context;
+    let target = definitions.target(arch);
+    let release = &definitions.php[&php];
+    let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
+    let toolchain = toolchain(context, target, release, &tarball, jobs)?;
+    let build = compile::compile(
+        definitions,
+        release,
+        &tarball,
+        root,
+        &toolchain,
+        &compile::CompileOptions {
+            cache_dir: &plan.cache_dir,
+            jobs,
+            force: plan.forced(Stage::Php),
+        },
+    )
+    .with_context(|| format!("failed to compile PHP {} for {arch}", release.version))?;
+    built.compiled.push(CompiledCell {
+        release: php,
+        arch,
+        build: build.clone(),
+        root: root.clone(),
+        cross: toolchain.cross.is_some(),
+    });
+    if plan.stops_before(Stage::Layers) {
+        return Ok(());
+    }
+
+    for &kind in &plan.kinds {
+        let kind_spec = definitions.kind(kind);
+        let name = target.layer_name(kind_spec, php);
+        let inputs_key = stage::layer_key(&stage::LayerInputs {
+            layers_dir: &project.join("layers"),
+            runtime_dir: &project.join("runtime"),
+            build_name: &stage::identity(&build.dir)?,
+            root_name: &stage::identity(&root.path)?,
+            kind: kind.name(),
+            arch: arch.lambda_name(),
+        })?;
+        if !plan.forced(Stage::Layers) {
+            if let Some(kept) = unchanged_layer(previous, &name, &inputs_key, &plan.out_dir) {
+                eprintln!("layer {name}: cached (inputs unchanged, {})", kept.zip);
+                built.layers.push(kept);
+                continue;
+            }
+        }
+        let contents = layer::assemble(definitions, kind, target, &build, root, project)
+            .with_context(|| format!("failed to assemble the layer {name}"))?;
+        let zip_path = plan.out_dir.join(format!("{name}.zip"));
+        let summary = write_layer(&name, &contents.entries, &zip_path)?;
+
+        let disabled_extensions = definitions
+            .extensions
+            .shared()
+            .filter(|extension| extension.mode == crate::matrix::ExtensionMode::SharedOff)
+            .map(|extension| (extension.name.clone(), extension.file.clone().unwrap_or_default()))
+            .collect();
+        built.layers.push(ManifestLayer {
+            name: name.clone(),
+            kind,
+            architecture: arch,
+            php_version: release.version.clone(),
+            description: kind_spec.description.replace("{version}", &release.version),
+            compatible_runtimes: vec![COMPATIBLE_RUNTIME.to_string()],
+            compatible_architectures: vec![target.lambda_architecture.clone()],
+            glibc_max: target.glibc_max.to_string(),
+            ld_library_path: target.ld_library_path.clone(),
+            loader: target.loader.clone(),
+            zip: format!("{name}.zip"),
+            sha256: summary.sha256,
+            code_sha256: summary.code_sha256,
+            zip_bytes: summary.size,
+            unzipped_bytes: summary.unzipped_size,
+            modules: definitions.extensions.expected_modules(&[]).into(),
+            disabled_extensions,
+            libraries: contents.libraries.into_iter().map(LibraryRecord::from).collect(),
+            inputs_key,
+            acceptance: None,
+        });
     }
     Ok(())
 }
@@ -380,14 +458,19 @@ fn unchanged_layer(previous: &Manifest, name: &str, inputs_key: &str, out_dir: &
 /// build of the same release, whose php_config.h it is checked against,
 /// so that build is made (or taken from the cache) first.
 fn toolchain<'a>(
-    definitions: &'a Definitions,
-    plan: &Plan,
-    mirrors: &Mirrors,
-    host: Arch,
+    context: &CellContext<'a>,
     target: &'a Target,
     release: &PhpRelease,
     tarball: &Path,
+    jobs: usize,
 ) -> Result<Toolchain<'a>> {
+    let CellContext {
+        definitions,
+        plan,
+        mirrors,
+        host,
+        ..
+    } = *context;
     if !target.is_cross(host) {
         return Ok(Toolchain { target, cross: None });
     }
@@ -416,7 +499,7 @@ fn toolchain<'a>(
         &native_toolchain,
         &compile::CompileOptions {
             cache_dir: &plan.cache_dir,
-            jobs: plan.jobs,
+            jobs,
             // Built earlier in this run when x86_64 is selected, so never forced.
             force: false,
         },
@@ -736,6 +819,15 @@ mod tests {
             unchanged_layer(&previous, "php-82", "k1", out_dir.path()).is_none(),
             "missing zip"
         );
+    }
+
+    #[test]
+    fn cells_share_the_jobs() {
+        assert_eq!(cell_slots(1, 2), (1, 2), "one version gets every job");
+        assert_eq!(cell_slots(3, 2), (2, 1), "no more cells than jobs");
+        assert_eq!(cell_slots(3, 8), (3, 2));
+        assert_eq!(cell_slots(2, 1), (1, 1));
+        assert_eq!(cell_slots(0, 4), (1, 4));
     }
 
     #[test]

@@ -89,7 +89,9 @@ pub struct CommonArgs {
     #[arg(long, value_name = "URL")]
     pub debian_mirror: Option<String>,
 
-    /// Parallel jobs for `make`. [default: the number of CPUs]
+    /// Parallel jobs for `make`, shared out among the PHP versions that
+    /// compile at once (one version per job at most). [default: the number
+    /// of CPUs]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
 
