@@ -96,8 +96,15 @@ fn live_view() -> bool {
 
 /// Waits for `child`, showing a spinner with the elapsed time and the last
 /// line of its log, such as the file the compiler is on.
+/// Spinners of the commands running at once (one per PHP version that
+/// compiles), drawn one under the other.
+fn spinners() -> &'static indicatif::MultiProgress {
+    static SPINNERS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    SPINNERS.get_or_init(indicatif::MultiProgress::new)
+}
+
 fn wait_with_spinner(child: &mut Child, summary: &str, log: &Path) -> Result<ExitStatus> {
-    let spinner = indicatif::ProgressBar::new_spinner();
+    let spinner = spinners().add(indicatif::ProgressBar::new_spinner());
     spinner.set_style(
         indicatif::ProgressStyle::with_template("  {spinner} {elapsed:>4} {wide_msg}")
             .expect("the spinner template is valid"),
@@ -107,6 +114,7 @@ fn wait_with_spinner(child: &mut Child, summary: &str, log: &Path) -> Result<Exi
         let exited = child.try_wait();
         if !matches!(exited, Ok(None)) {
             spinner.finish_and_clear();
+            spinners().remove(&spinner);
             return Ok(exited?.expect("the child has exited"));
         }
         let last = last_line(log).unwrap_or_default();
