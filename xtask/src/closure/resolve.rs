@@ -98,6 +98,15 @@ pub fn walk(sysroot: &Path, roots: &[PathBuf], policy: &TargetPolicy) -> WalkOut
     state.finish(sysroot, policy)
 }
 
+/// Maps a file into memory: parsing an ELF file reads its headers and
+/// dynamic sections, a small part of a library such as ICU's 30 MB data.
+fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let file = fs::File::open(path)?;
+    // SAFETY: the files are in the build root, which nothing writes while
+    // the closure is resolved; a file truncated meanwhile would fault.
+    unsafe { memmap2::Mmap::map(&file) }
+}
+
 /// Reads and parses one object, expands its DT_RPATH and DT_RUNPATH, and
 /// looks up its DT_NEEDED names. The checks against the policy run later.
 ///
@@ -111,7 +120,7 @@ fn visit(sysroot: &Path, policy: &TargetPolicy, node: &Node) -> Visit {
         problems: Vec::new(),
     };
 
-    let bytes = match fs::read(&node.real_path) {
+    let bytes = match map_file(&node.real_path) {
         Ok(bytes) => bytes,
         Err(error) => return failed(ObjectFailure::Unreadable(error.to_string())),
     };
