@@ -124,7 +124,7 @@ impl From<BundledLibraryRecord> for LibraryRecord {
     }
 }
 
-/// What a run built.
+/// Layers and compiled PHP of one run.
 #[derive(Debug, Default)]
 pub struct Built {
     /// The manifest entries of the layers, built or kept.
@@ -330,7 +330,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What the cells of one architecture share.
+/// Inputs shared by the cells of one architecture.
 struct CellContext<'a> {
     definitions: &'a Definitions,
     plan: &'a Plan,
@@ -784,7 +784,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_is_kept_only_when_key_and_zip_match() {
+    fn kept_layer_needs_same_key_and_zip() {
         let out_dir = tempfile::tempdir().unwrap();
         let zip = out_dir.path().join("php-82.zip");
         fs::write(&zip, b"zip bytes").unwrap();
