@@ -5,9 +5,15 @@ use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use goblin::container::Ctx;
+use goblin::elf::dynamic::Dynamic;
 use goblin::elf::dynamic::{DT_NEEDED, DT_RPATH, DT_RUNPATH, DT_SONAME};
+use goblin::elf::program_header::ProgramHeader;
 use goblin::elf::program_header::PT_LOAD;
 use goblin::elf::section_header::SHN_UNDEF;
+use goblin::elf::section_header::{SectionHeader, SHT_DYNSYM};
+use goblin::elf::sym::Symtab;
+use goblin::elf::symver::{VerneedSection, VersymSection};
 use goblin::elf::Elf;
 
 use super::{ElfKind, Problem, TargetPolicy};
@@ -54,7 +60,7 @@ pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
         return Err("the file does not start with the ELF magic bytes 7f 45 4c 46".to_owned());
     }
 
-    let parsed = panic::catch_unwind(AssertUnwindSafe(|| Elf::parse(bytes)));
+    let parsed = panic::catch_unwind(AssertUnwindSafe(|| parse_dynamic_parts(bytes)));
     let elf = match parsed {
         Ok(Ok(elf)) => elf,
         Ok(Err(error)) => return Err(format!("goblin cannot parse it: {error}")),
@@ -72,9 +78,60 @@ pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
         kind,
         ..ElfObject::default()
     };
-    read_dynamic_strings(&elf, &mut object)?;
-    object.version_needs = read_version_needs(&elf)?;
+    let strings = DynamicStrings::of(&elf, bytes);
+    read_dynamic_strings(&elf, &strings, &mut object)?;
+    object.version_needs = read_version_needs(&elf, &strings)?;
     Ok(object)
+}
+
+/// Parses only what the closure reads: the program and section headers,
+/// the dynamic section and its strings, the dynamic symbols and the
+/// version sections. `Elf::parse` also parses every relocation, which
+/// takes most of its time on large libraries.
+fn parse_dynamic_parts(bytes: &[u8]) -> goblin::error::Result<Elf<'_>> {
+    let header = Elf::parse_header(bytes)?;
+    let ctx = Ctx::new(header.container()?, header.endianness()?);
+    let mut elf = Elf::lazy_parse(header)?;
+    elf.program_headers = ProgramHeader::parse(bytes, header.e_phoff as usize, header.e_phnum as usize, ctx)?;
+    elf.section_headers = SectionHeader::parse(bytes, header.e_shoff as usize, header.e_shnum as usize, ctx)?;
+    elf.dynamic = Dynamic::parse(bytes, &elf.program_headers, ctx)?;
+    if let Some(dynsym) = elf.section_headers.iter().find(|shdr| shdr.sh_type == SHT_DYNSYM) {
+        let count = dynsym.sh_size.checked_div(dynsym.sh_entsize).unwrap_or(0);
+        elf.dynsyms = Symtab::parse(bytes, dynsym.sh_offset as usize, count as usize, ctx)?;
+    }
+    elf.versym = VersymSection::parse(bytes, &elf.section_headers, ctx)?;
+    elf.verneed = VerneedSection::parse(bytes, &elf.section_headers, ctx)?;
+    Ok(elf)
+}
+
+/// The dynamic string table, read one string at a time: goblin's
+/// `Strtab::parse` checks and splits every string of it first.
+struct DynamicStrings<'a> {
+    table: &'a [u8],
+}
+
+impl<'a> DynamicStrings<'a> {
+    /// The table that DT_STRTAB and DT_STRSZ name, cut to the file: a
+    /// string past its end is reported as outside the table.
+    fn of(elf: &Elf, bytes: &'a [u8]) -> DynamicStrings<'a> {
+        let table = elf
+            .dynamic
+            .as_ref()
+            .and_then(|dynamic| {
+                let start = dynamic.info.strtab;
+                let end = start.checked_add(dynamic.info.strsz)?.min(bytes.len());
+                bytes.get(start..end)
+            })
+            .unwrap_or_default();
+        DynamicStrings { table }
+    }
+
+    /// Returns the NUL-terminated UTF-8 string at `offset`.
+    fn get(&self, offset: usize) -> Option<&'a str> {
+        let rest = self.table.get(offset..)?;
+        let end = rest.iter().position(|&byte| byte == 0)?;
+        std::str::from_utf8(&rest[..end]).ok()
+    }
 }
 
 /// Rejects a file whose PT_LOAD segments end past the end of the file, the
@@ -103,7 +160,7 @@ fn check_segments_in_file(elf: &Elf, file_size: usize) -> Result<(), String> {
 ///
 /// goblin skips an entry whose string offset is outside the dynamic string
 /// table, so the dynamic section is walked here to report such an entry.
-fn read_dynamic_strings(elf: &Elf, object: &mut ElfObject) -> Result<(), String> {
+fn read_dynamic_strings(elf: &Elf, strings: &DynamicStrings, object: &mut ElfObject) -> Result<(), String> {
     let Some(dynamic) = &elf.dynamic else {
         return Ok(());
     };
@@ -114,10 +171,7 @@ fn read_dynamic_strings(elf: &Elf, object: &mut ElfObject) -> Result<(), String>
             continue;
         }
 
-        let Some(text) = usize::try_from(entry.d_val)
-            .ok()
-            .and_then(|offset| elf.dynstrtab.get_at(offset))
-        else {
+        let Some(text) = usize::try_from(entry.d_val).ok().and_then(|offset| strings.get(offset)) else {
             return Err(format!(
                 "the {} entry points to offset {} outside the dynamic string table",
                 goblin::elf::dynamic::tag_to_str(tag),
@@ -138,7 +192,7 @@ fn read_dynamic_strings(elf: &Elf, object: &mut ElfObject) -> Result<(), String>
 
 /// Reads the version needs (SHT_GNU_VERNEED) and binds to each the undefined
 /// dynamic symbols whose SHT_GNU_VERSYM entry names it.
-fn read_version_needs(elf: &Elf) -> Result<Vec<VersionNeed>, String> {
+fn read_version_needs(elf: &Elf, strings: &DynamicStrings) -> Result<Vec<VersionNeed>, String> {
     let Some(verneed) = &elf.verneed else {
         return Ok(Vec::new());
     };
@@ -146,9 +200,9 @@ fn read_version_needs(elf: &Elf) -> Result<Vec<VersionNeed>, String> {
     let mut needs = Vec::new();
     let mut need_by_index: BTreeMap<u16, usize> = BTreeMap::new();
     for need in verneed {
-        let library = dynamic_string(elf, need.vn_file, "vn_file")?;
+        let library = dynamic_string(strings, need.vn_file, "vn_file")?;
         for aux in &need {
-            let version = dynamic_string(elf, aux.vna_name, "vna_name")?;
+            let version = dynamic_string(strings, aux.vna_name, "vna_name")?;
             need_by_index.insert(aux.vna_other & goblin::elf::symver::VERSYM_VERSION, needs.len());
             needs.push(VersionNeed {
                 library: library.clone(),
@@ -159,17 +213,22 @@ fn read_version_needs(elf: &Elf) -> Result<Vec<VersionNeed>, String> {
     }
 
     if let Some(versym) = &elf.versym {
-        for (index, symbol) in elf.dynsyms.iter().enumerate() {
+        // Only the symbols whose version is a need are parsed: most
+        // symbols of a library are its own definitions.
+        for index in 0..elf.dynsyms.len() {
             let Some(entry) = versym.get_at(index) else {
+                break;
+            };
+            let Some(&need) = need_by_index.get(&entry.version()) else {
+                continue;
+            };
+            let Some(symbol) = elf.dynsyms.get(index) else {
                 break;
             };
             if symbol.st_shndx != SHN_UNDEF as usize {
                 continue;
             }
-            let Some(&need) = need_by_index.get(&entry.version()) else {
-                continue;
-            };
-            let name = dynamic_string(elf, symbol.st_name, "st_name")?;
+            let name = dynamic_string(strings, symbol.st_name, "st_name")?;
             needs[need].symbols.push(name);
         }
     }
@@ -181,8 +240,8 @@ fn read_version_needs(elf: &Elf) -> Result<Vec<VersionNeed>, String> {
     Ok(needs)
 }
 
-fn dynamic_string(elf: &Elf, offset: usize, field: &str) -> Result<String, String> {
-    match elf.dynstrtab.get_at(offset) {
+fn dynamic_string(strings: &DynamicStrings, offset: usize, field: &str) -> Result<String, String> {
+    match strings.get(offset) {
         Some(text) => Ok(text.to_owned()),
         None => Err(format!(
             "a {field} points to offset {offset} outside the dynamic string table"
