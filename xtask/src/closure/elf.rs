@@ -85,9 +85,9 @@ pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
 }
 
 /// Parses only what the closure reads: the program and section headers,
-/// the dynamic section and its strings, the dynamic symbols and the
-/// version sections. `Elf::parse` also parses every relocation, which
-/// takes most of its time on large libraries.
+/// the dynamic section, the dynamic symbol table (read one symbol at a
+/// time later) and the version sections. `Elf::parse` also parses every
+/// relocation and symbol, most of its time on the PHP tree's libraries.
 fn parse_dynamic_parts(bytes: &[u8]) -> goblin::error::Result<Elf<'_>> {
     let header = Elf::parse_header(bytes)?;
     let ctx = Ctx::new(header.container()?, header.endianness()?);
@@ -111,8 +111,8 @@ struct DynamicStrings<'a> {
 }
 
 impl<'a> DynamicStrings<'a> {
-    /// The table that DT_STRTAB and DT_STRSZ name, cut to the file: a
-    /// string past its end is reported as outside the table.
+    /// Returns the table that DT_STRTAB and DT_STRSZ name, cut to the
+    /// file: a string past its end is reported as outside the table.
     fn of(elf: &Elf, bytes: &'a [u8]) -> DynamicStrings<'a> {
         let table = elf
             .dynamic
