@@ -156,6 +156,9 @@ struct Plan {
     use_urls: bool,
     until: Option<Stage>,
     force: Option<Stage>,
+    /// The verified source tarball of each release, fetched before any
+    /// build root.
+    tarballs: BTreeMap<PhpMinor, PathBuf>,
 }
 
 impl Plan {
@@ -179,7 +182,7 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let started = Instant::now();
     let project = project_root();
     let definitions = Definitions::load(&project.join("layers"))?;
-    let plan = plan(args, &definitions, &project)?;
+    let mut plan = plan(args, &definitions, &project)?;
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
     let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;
@@ -197,8 +200,12 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
             fs::rename(&cached, &previous).with_context(|| format!("failed to move {} aside", cached.display()))?;
         }
         match sources::fetch(release, &mirrors, &plan.cache_dir, plan.use_urls) {
-            Ok(_) if previous.exists() => fs::remove_file(&previous)?,
-            Ok(_) => {}
+            Ok(tarball) => {
+                if previous.exists() {
+                    fs::remove_file(&previous)?;
+                }
+                plan.tarballs.insert(*php, tarball);
+            }
             Err(error) => {
                 if previous.exists() {
                     fs::rename(&previous, &cached)?;
@@ -349,7 +356,6 @@ fn build_cell(context: &CellContext, php: PhpMinor, jobs: usize, built: &mut Bui
     let CellContext {
         definitions,
         plan,
-        mirrors,
         project,
         arch,
         root,
@@ -358,7 +364,7 @@ fn build_cell(context: &CellContext, php: PhpMinor, jobs: usize, built: &mut Bui
     } = *context;
     let target = definitions.target(arch);
     let release = &definitions.php[&php];
-    let tarball = sources::fetch(release, mirrors, &plan.cache_dir, plan.use_urls)?;
+    let tarball = plan.tarballs[&php].clone();
     let toolchain = toolchain(context, target, release, &tarball, jobs)?;
     let build = compile::compile(
         definitions,
@@ -575,6 +581,7 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
         use_urls: !args.common.no_release_urls,
         until: args.until,
         force: args.force,
+        tarballs: BTreeMap::new(),
     })
 }
 
