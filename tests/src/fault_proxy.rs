@@ -122,7 +122,7 @@ pub enum Fault {
     /// the request, without forwarding it.
     Reset,
     /// Forward the request, read the whole response, so that the upstream
-    /// has acted, then reset the client connection without answering.
+    /// has acted, then reset the client connection without a response.
     DropResponse,
     /// Forward the request, send the client the status line, the headers and
     /// the first half of the body, then send nothing more. The connection

@@ -89,7 +89,7 @@ impl Moto {
         version["Version"].as_i64().unwrap_or_else(|| panic!("{response}"))
     }
 
-    /// The versions of `layer` in `region`, with their CodeSha256.
+    /// Returns the versions of `layer` in `region`, with their CodeSha256.
     fn versions(&self, region: &str, layer: &str) -> Vec<(i64, String)> {
         let (status, list) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions"));
         assert_eq!(status, 200, "{list}");
@@ -145,7 +145,7 @@ impl TestLayer {
     }
 }
 
-/// The two small layers most tests publish.
+/// Returns the two small layers most tests publish.
 fn two_layers(content: &str) -> Vec<TestLayer> {
     vec![
         TestLayer::small("php-82", "x86_64", content),
@@ -246,7 +246,7 @@ fn table(dist: &Path) -> Value {
     serde_json::from_str(&fs::read_to_string(dist.join("layers.json")).unwrap()).unwrap()
 }
 
-/// The result line of `layer` in `region` in the summary table.
+/// Returns the result line of `layer` in `region` in the summary table.
 fn summary_line(output: &Output, layer: &str, region: &str) -> String {
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -384,9 +384,9 @@ fn publish_survives_injected_faults() {
         status(500, "ServiceException", None),
         1,
     ));
-    // A connection reset before moto sees the upload.
+    // A connection reset before moto receives the upload.
     proxy.add_rule(rule("POST", "/layers/php-82/versions", "us-east-1", Fault::Reset, 1));
-    // Moto publishes, and the answer is lost: a retry must not publish again.
+    // Moto publishes, and the response is lost: a retry must not publish again.
     proxy.add_rule(rule(
         "POST",
         "/layers/arm-php-82/versions",
@@ -451,12 +451,14 @@ fn publish_survives_injected_faults() {
         let line = summary_line(&first, layer, "us-east-1");
         assert!(line.contains("published (version 1)"), "{line}");
         let line = summary_line(&first, layer, "ap-east-1");
-        assert!(line.contains("opt-in region") && line.contains("not enabled"), "{line}");
+        assert!(line.contains("opt-in region"), "{line}");
+        assert!(line.contains("not enabled"), "{line}");
         let line = summary_line(&first, layer, "moon-1");
         assert!(line.contains("unknown region moon-1"), "{line}");
     }
     let line = summary_line(&first, "arm-php-82", "ap-south-1");
-    assert!(line.contains("failed") && line.contains("ServiceException"), "{line}");
+    assert!(line.contains("failed"), "{line}");
+    assert!(line.contains("ServiceException"), "{line}");
     // Retries are counted in the summary: 2 throttles + 1 reset.
     let line = summary_line(&first, "php-82", "us-east-1");
     assert_eq!(line.split_whitespace().nth(2), Some("3"), "{line}");
@@ -653,12 +655,12 @@ fn publish_uploads_large_zips_through_s3() {
     };
     write_dist(dist.path(), std::slice::from_ref(&layer), true);
 
-    let refused = publish(&proxy.endpoint(), dist.path(), &["--regions", "eu-west-3"]);
-    assert!(!refused.status.success(), "{}", text(&refused));
+    let without_prefix = publish(&proxy.endpoint(), dist.path(), &["--regions", "eu-west-3"]);
+    assert!(!without_prefix.status.success(), "{}", text(&without_prefix));
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--s3-bucket-prefix"),
+        String::from_utf8_lossy(&without_prefix.stderr).contains("--s3-bucket-prefix"),
         "{}",
-        text(&refused)
+        text(&without_prefix)
     );
 
     // A 503 on the first upload is retried.

@@ -27,7 +27,7 @@ pub const DIGEST_MARKER: &str = "sha256 ";
 /// Slowest upload rate an upload attempt is given time for.
 const MIN_UPLOAD_BYTES_PER_SECOND: u64 = 256 * 1024;
 
-/// Longest wait a `Retry-After` header may ask for.
+/// Maximum wait taken from a `Retry-After` header.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Connection settings shared by the clients of every region.
@@ -126,7 +126,7 @@ impl Clients {
     /// Calls PublishLayerVersion once and returns the new version and the
     /// CodeSha256 Lambda computed.
     ///
-    /// An inline zip is read here, while the caller holds a concurrency
+    /// An inline zip is read here, while the caller has a concurrency
     /// slot, so memory grows with `--concurrency`, not with the pairs.
     pub async fn publish(&self, request: &PublishRequest<'_>) -> Result<Latest, Failure> {
         let content = match &request.content {
@@ -308,7 +308,7 @@ pub struct Latest {
     pub code_sha256: String,
 }
 
-/// What PublishLayerVersion is given.
+/// Parameters of a PublishLayerVersion call.
 pub struct PublishRequest<'a> {
     pub name: &'a str,
     pub description: &'a str,
@@ -319,7 +319,7 @@ pub struct PublishRequest<'a> {
     pub bytes: u64,
 }
 
-/// Where the zip comes from: the request itself, or an S3 object.
+/// Source of the zip: the request itself, or an S3 object.
 pub enum Content {
     Inline(PathBuf),
     S3 { bucket: String, key: String },
@@ -404,7 +404,7 @@ impl Failure {
     }
 }
 
-/// The last cause in the chain of `error`, such as "Connection reset by
+/// Returns the last cause in the chain of `error`, such as "Connection reset by
 /// peer (os error 104)": the layers above it only repeat that the request
 /// failed.
 fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
@@ -415,7 +415,7 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// The HTTP status of a failed request, when a response came.
+/// Returns the HTTP status of a failed request, when a response came.
 fn status_of<E>(error: &SdkError<E, HttpResponse>) -> Option<u16> {
     error.raw_response().map(|response| response.status().as_u16())
 }
@@ -429,7 +429,8 @@ pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
     retry_after.map_or(jittered, |asked| asked.max(jittered))
 }
 
-/// A number below `bound`, from the clock: jitter needs no better source.
+/// Returns a number below `bound`, from the clock: jitter needs no better
+/// source.
 fn random_below(bound: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -460,7 +461,8 @@ mod tests {
         for attempt in 1..10 {
             let wait = backoff(attempt, None);
             let ceiling = Duration::from_millis(250 << attempt.clamp(1, 5));
-            assert!(wait <= ceiling && wait >= ceiling / 2, "attempt {attempt}: {wait:?}");
+            assert!(wait <= ceiling, "attempt {attempt}: {wait:?}");
+            assert!(wait >= ceiling / 2, "attempt {attempt}: {wait:?}");
         }
         assert!(backoff(1, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
     }

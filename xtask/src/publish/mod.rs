@@ -41,8 +41,8 @@ const LOST_REQUEST_WAIT: Duration = Duration::from_secs(5);
 /// License of the PHP interpreter, the bulk of every layer.
 const LICENSE: &str = "PHP-3.01";
 
-/// Error codes Lambda answers in an opt-in region the account has not
-/// enabled: the region does not know the account's credentials.
+/// Error codes Lambda returns in an opt-in region the account has not
+/// enabled, because the region does not recognise the account's credentials.
 const NOT_ENABLED_CODES: &[&str] = &["UnrecognizedClientException", "InvalidClientTokenId", "AuthFailure"];
 
 /// The regions of `layers/regions.toml`.
@@ -111,7 +111,7 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// What happened to one layer in one region.
+/// Outcome of one layer in one region, with its retries.
 #[derive(Debug, Clone)]
 pub struct PairReport {
     pub layer: String,
@@ -162,7 +162,7 @@ pub fn check_bucket_prefix(prefix: &str, regions: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The bucket of `region` for zips over the inline limit.
+/// Returns the bucket of `region` for zips over the inline limit.
 fn bucket_name(prefix: &str, region: &str) -> String {
     format!("{prefix}-{region}")
 }
@@ -392,7 +392,7 @@ fn check_acceptance(layer: &ManifestLayer) -> Result<()> {
     }
 }
 
-/// What every pair of a run shares.
+/// State shared by every pair of a run.
 struct Shared {
     dry_run: bool,
     private: bool,
@@ -587,7 +587,8 @@ impl Pair {
         self.make_public(version).await
     }
 
-    /// The zip's path, or for a large zip, its S3 object after the upload.
+    /// Returns the zip's path, or for a large zip, its S3 object after the
+    /// upload.
     async fn content(&mut self) -> Result<Content, Failure> {
         let layer = &self.local.layer;
         if layer.zip_bytes <= INLINE_LIMIT {
@@ -623,8 +624,8 @@ impl Pair {
     }
 
     /// Runs `request` until it succeeds, fails for good, or runs out of
-    /// attempts. Each attempt holds a concurrency slot; the waits between
-    /// them do not.
+    /// attempts. Each attempt takes a concurrency slot, and the waits
+    /// between attempts release it.
     async fn request<T, Fut>(&mut self, operation: &str, mut request: impl FnMut(Clients) -> Fut) -> Result<T, Failure>
     where
         Fut: std::future::Future<Output = Result<T, Failure>>,
@@ -674,7 +675,7 @@ impl Pair {
         .await
     }
 
-    /// The reason shown for a failure, with a hint where one helps.
+    /// Returns the reason shown for a failure, with a hint where one helps.
     fn explain(&self, failure: Failure) -> String {
         let not_enabled = failure
             .code
@@ -896,7 +897,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_zip_is_reported_before_any_request() {
+    fn local_layers_report_missing_zip() {
         let dir = tempfile::tempdir().unwrap();
         let mut layer = manifest_layer(1, 1);
         layer.acceptance = None;

@@ -81,7 +81,7 @@ impl Progress {
         }
     }
 
-    /// A request failed and is tried again after `wait`.
+    /// Reports a failed request that is tried again after `wait`.
     pub fn retrying(&self, layer: &str, region: &str, request: &str, failure: &Failure, attempt: u32, wait: Duration) {
         match &self.live {
             Some(live) => live.update(layer, |counts| counts.retries += 1),
@@ -93,14 +93,14 @@ impl Progress {
         }
     }
 
-    /// A step worth telling that is not a result, such as an S3 upload.
+    /// Reports a step that is not a result, such as an S3 upload.
     pub fn step(&self, layer: &str, region: &str, text: &str) {
         if self.live.is_none() {
             eprintln!("publish: {layer} in {region}: {text}");
         }
     }
 
-    /// The pair is done.
+    /// Reports a finished pair.
     pub fn finished(&self, report: &PairReport) {
         let line = format!("publish: {} in {}: {}", report.layer, report.region, report.outcome);
         let Some(live) = &self.live else {
