@@ -106,9 +106,13 @@ final class Fpm
             posix_kill($worker, SIGKILL);
         }
         // A worker keeps accepting connections on the socket until the
-        // kernel has ended it.
+        // kernel has ended it. A live master must also reap its dead workers
+        // before SIGTERM, because Linux delivers a pending SIGTERM before a
+        // pending SIGCHLD, and a terminating master logs child exits only at
+        // debug level.
+        $master = $this->isRunning() ? $this->pid : 0;
         $deadline = microtime(true) + 2.0;
-        while (array_filter($workers, static fn (int $pid): bool => file_exists("/proc/$pid/stat") && !self::isZombie($pid)) !== []
+        while (array_filter($workers, static fn (int $pid): bool => !self::isSettled($pid, $master)) !== []
             && microtime(true) < $deadline) {
             usleep(2000);
         }
@@ -240,10 +244,33 @@ final class Fpm
         return $length < 128 ? chr($length) : pack('N', $length | 0x80000000);
     }
 
-    private static function isZombie(int $pid): bool
+    /**
+     * Returns whether the process `$pid` has ended and, when `$master`
+     * (non-zero) is its parent, has been reaped by it. A zombie of another
+     * parent counts as ended, because after a master's death it may never
+     * be reaped.
+     */
+    private static function isSettled(int $pid, int $master): bool
+    {
+        $status = self::status($pid);
+        if ($status === null) {
+            return true;
+        }
+        [$state, $parent] = $status;
+        return $state === 'Z' && ($master === 0 || $parent !== $master);
+    }
+
+    /** @return array{string, int}|null the state and the parent of `$pid`, or null once it is gone */
+    private static function status(int $pid): ?array
     {
         $stat = @file_get_contents("/proc/$pid/stat");
-        return $stat === false || substr($stat, (int) strrpos($stat, ')') + 2, 1) === 'Z';
+        if ($stat === false) {
+            return null;
+        }
+        // The command name may hold spaces and parentheses: the fields
+        // after the last ')' are the state, then the parent's pid.
+        $fields = explode(' ', substr($stat, (int) strrpos($stat, ')') + 2));
+        return [$fields[0], (int) ($fields[1] ?? 0)];
     }
 
     /**
@@ -255,15 +282,12 @@ final class Fpm
         $workers = [];
         foreach (glob('/proc/[0-9]*') ?: [] as $directory) {
             $pid = (int) basename($directory);
-            $stat = @file_get_contents("$directory/stat");
-            $commandLine = (string) @file_get_contents("$directory/cmdline");
-            if ($stat === false || $pid === getmypid()) {
+            $status = self::status($pid);
+            if ($status === null || $pid === getmypid()) {
                 continue;
             }
-            // The command name may hold spaces and parentheses: the fields
-            // after the last ')' are the state, then the parent's pid.
-            $fields = explode(' ', substr($stat, (int) strrpos($stat, ')') + 2));
-            $parent = (int) ($fields[1] ?? 0);
+            $parent = $status[1];
+            $commandLine = (string) @file_get_contents("$directory/cmdline");
             if (($master !== 0 && $parent === $master) || str_starts_with($commandLine, 'php-fpm: pool ')) {
                 $workers[] = $pid;
             }
