@@ -1,19 +1,20 @@
 //! Dynamic-linking facts of one ELF object, read with goblin, and the checks
 //! of those facts against the target policy.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use goblin::container::Ctx;
 use goblin::elf::dynamic::Dynamic;
 use goblin::elf::dynamic::{DT_NEEDED, DT_RPATH, DT_RUNPATH, DT_SONAME};
-use goblin::elf::program_header::ProgramHeader;
-use goblin::elf::program_header::PT_LOAD;
-use goblin::elf::section_header::SHN_UNDEF;
-use goblin::elf::section_header::{SectionHeader, SHT_DYNSYM};
-use goblin::elf::sym::Symtab;
-use goblin::elf::symver::{VerneedSection, VersymSection};
+use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_LOAD};
+use goblin::elf::section_header::{SectionHeader, SHN_UNDEF, SHT_DYNSYM, SHT_GNU_VERNEED, SHT_GNU_VERSYM};
+use goblin::elf::sym::{Sym, Symtab};
+use goblin::elf::symver::VerneedSection;
 use goblin::elf::Elf;
 
 use super::{ElfKind, Problem, TargetPolicy};
@@ -46,110 +47,295 @@ pub struct VersionNeed {
     pub library: String,
     /// Version name (vna_name), such as GLIBC_2.35.
     pub version: String,
-    /// Undefined dynamic symbols whose versym index is this version, sorted.
-    pub symbols: Vec<String>,
+    /// The first by name of the undefined dynamic symbols whose versym index
+    /// is this version, the one a report names. None when no symbol is.
+    pub first_symbol: Option<String>,
+}
+
+/// Why an object could not be parsed.
+#[derive(Debug)]
+pub enum ParseError {
+    /// Reading the file failed.
+    Unreadable(io::Error),
+    /// The bytes are not a valid ELF object: the reason.
+    Invalid(String),
 }
 
 /// Parses the dynamic-linking facts of the ELF object in `bytes`.
 ///
 /// Returns the reason when `bytes` is not an ELF object, is truncated or has
-/// a dynamic section that points outside the file. goblin returns errors for
-/// reads past the end, and a panic inside goblin also becomes an error.
+/// a dynamic section that points outside the file. A part that ends past the
+/// end is reported, and a goblin error or panic also becomes an error.
+#[cfg(test)]
 pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
-    if !bytes.starts_with(ELF_MAGIC) {
-        return Err("the file does not start with the ELF magic bytes 7f 45 4c 46".to_owned());
+    parse_from(&bytes).map_err(|error| match error {
+        ParseError::Unreadable(error) => error.to_string(),
+        ParseError::Invalid(reason) => reason,
+    })
+}
+
+/// Reads and parses the ELF object in `file`, as [`parse_object`] does.
+///
+/// Only the parts the closure needs are read, with `pread`: the headers, the
+/// dynamic section and the dynamic symbol, string and version tables. Mapping
+/// the file would cost page faults, and unmapping it in a threaded process
+/// interrupts the other CPUs that run its threads to flush their TLBs.
+pub fn read_object(file: &File) -> Result<ElfObject, ParseError> {
+    let source = FileSource::new(file).map_err(ParseError::Unreadable)?;
+    parse_from(&source)
+}
+
+/// The bytes of an object: a slice in memory, or a file read at offsets.
+trait Source {
+    /// Returns the size of the object in bytes.
+    fn size(&self) -> u64;
+
+    /// Returns the `length` bytes at `offset`, which the caller checked to
+    /// be inside the object.
+    fn bytes_at(&self, offset: u64, length: usize) -> io::Result<Cow<'_, [u8]>>;
+}
+
+impl Source for &[u8] {
+    fn size(&self) -> u64 {
+        self.len() as u64
     }
 
-    let parsed = panic::catch_unwind(AssertUnwindSafe(|| parse_dynamic_parts(bytes)));
-    let elf = match parsed {
-        Ok(Ok(elf)) => elf,
-        Ok(Err(error)) => return Err(format!("goblin cannot parse it: {error}")),
-        Err(_) => return Err("goblin panicked while parsing it".to_owned()),
+    fn bytes_at(&self, offset: u64, length: usize) -> io::Result<Cow<'_, [u8]>> {
+        let start = offset as usize;
+        Ok(Cow::Borrowed(&self[start..start + length]))
+    }
+}
+
+/// A file, with its first page read at once: it holds the ELF header and,
+/// in practice, the program headers.
+struct FileSource<'a> {
+    file: &'a File,
+    size: u64,
+    start: Vec<u8>,
+}
+
+/// Bytes read from the start of each file. A larger first read costs more
+/// in copying than it saves in reads, even for small libraries.
+const FILE_START_BYTES: u64 = 4096;
+
+impl<'a> FileSource<'a> {
+    fn new(file: &'a File) -> io::Result<FileSource<'a>> {
+        let size = file.metadata()?.len();
+        let mut start = vec![0; size.min(FILE_START_BYTES) as usize];
+        file.read_exact_at(&mut start, 0)?;
+        Ok(FileSource { file, size, start })
+    }
+}
+
+impl Source for FileSource<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn bytes_at(&self, offset: u64, length: usize) -> io::Result<Cow<'_, [u8]>> {
+        let start = offset as usize;
+        if let Some(bytes) = self.start.get(start..start + length) {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        let mut bytes = vec![0; length];
+        self.file.read_exact_at(&mut bytes, offset)?;
+        Ok(Cow::Owned(bytes))
+    }
+}
+
+/// Returns the `length` bytes at `offset` of `source`, or why they are not
+/// in the object: `what` names them in the message.
+fn read_part<'s>(source: &'s impl Source, what: &str, offset: u64, length: u64) -> Result<Cow<'s, [u8]>, ParseError> {
+    if length == 0 {
+        return Ok(Cow::Borrowed(&[]));
+    }
+    let size = source.size();
+    let inside = offset.checked_add(length).is_some_and(|end| end <= size);
+    if !inside {
+        return Err(ParseError::Invalid(format!(
+            "the file ({size} bytes) is too short for the {what} at offset {offset} ({length} bytes), \
+             so it is truncated or corrupt"
+        )));
+    }
+    source.bytes_at(offset, length as usize).map_err(ParseError::Unreadable)
+}
+
+/// Turns a goblin error into the reason the object is invalid.
+fn goblin<T>(result: goblin::error::Result<T>) -> Result<T, ParseError> {
+    result.map_err(|error| ParseError::Invalid(format!("goblin cannot parse it: {error}")))
+}
+
+/// Parses the object in `source`: checks the magic bytes, then reads and
+/// parses its parts. A panic inside goblin becomes an error.
+fn parse_from(source: &impl Source) -> Result<ElfObject, ParseError> {
+    let magic_length = source.size().min(ELF_MAGIC.len() as u64);
+    if *source
+        .bytes_at(0, magic_length as usize)
+        .map_err(ParseError::Unreadable)?
+        != *ELF_MAGIC
+    {
+        return Err(ParseError::Invalid(
+            "the file does not start with the ELF magic bytes 7f 45 4c 46".to_owned(),
+        ));
+    }
+
+    match panic::catch_unwind(AssertUnwindSafe(|| parse_dynamic_parts(source))) {
+        Ok(parsed) => parsed,
+        Err(_) => Err(ParseError::Invalid("goblin panicked while parsing it".to_owned())),
+    }
+}
+
+/// Reads and parses only what the closure needs: the program and section
+/// headers, the dynamic section, the dynamic symbol table (read one symbol at
+/// a time later) and the version sections. Each part is read on its own and
+/// parsed at offset 0, so every header offset into it is rebased.
+fn parse_dynamic_parts(source: &impl Source) -> Result<ElfObject, ParseError> {
+    let header_bytes = source
+        .bytes_at(0, source.size().min(64) as usize)
+        .map_err(ParseError::Unreadable)?;
+    let header = goblin(Elf::parse_header(&header_bytes))?;
+    let ctx = Ctx::new(goblin(header.container())?, goblin(header.endianness())?);
+
+    let phdr_size = ProgramHeader::size(ctx) as u64;
+    let phdr_bytes = read_part(
+        source,
+        "program headers",
+        header.e_phoff,
+        u64::from(header.e_phnum) * phdr_size,
+    )?;
+    let program_headers = goblin(ProgramHeader::parse(&phdr_bytes, 0, header.e_phnum.into(), ctx))?;
+    check_segments_in_file(&program_headers, source.size())?;
+
+    let section_headers = read_section_headers(source, header.e_shoff, header.e_shnum.into(), ctx)?;
+
+    let mut dynamic = None;
+    if let Some(segment) = program_headers.iter().find(|phdr| phdr.p_type == PT_DYNAMIC) {
+        let bytes = read_part(source, "dynamic section", segment.p_offset, segment.p_filesz)?;
+        let mut rebased = program_headers.clone();
+        if let Some(rebased_segment) = rebased.iter_mut().find(|phdr| phdr.p_type == PT_DYNAMIC) {
+            rebased_segment.p_offset = 0;
+        }
+        dynamic = goblin(Dynamic::parse(&bytes, &rebased, ctx))?;
+    }
+
+    // The table is cut to the file: a string past its end is reported as
+    // outside the table.
+    let strings = match &dynamic {
+        Some(dynamic) if (dynamic.info.strtab as u64) < source.size() => {
+            let offset = dynamic.info.strtab as u64;
+            let length = (dynamic.info.strsz as u64).min(source.size() - offset);
+            DynamicStrings {
+                table: read_part(source, "dynamic string table", offset, length)?,
+            }
+        }
+        _ => DynamicStrings {
+            table: Cow::Borrowed(&[]),
+        },
     };
 
-    check_segments_in_file(&elf, bytes.len())?;
+    let mut dynsym = None;
+    if let Some(section) = section_headers.iter().find(|shdr| shdr.sh_type == SHT_DYNSYM) {
+        let count = section.sh_size.checked_div(section.sh_entsize).unwrap_or(0);
+        if count > 0 {
+            let length = count.saturating_mul(Sym::size(ctx.container) as u64);
+            let bytes = read_part(source, "dynamic symbol table", section.sh_offset, length)?;
+            dynsym = Some((bytes, count as usize));
+        }
+    }
+
+    let mut versym = Cow::Borrowed(&[][..]);
+    if let Some(section) = section_headers.iter().find(|shdr| shdr.sh_type == SHT_GNU_VERSYM) {
+        versym = read_part(source, "symbol version table", section.sh_offset, section.sh_size)?;
+    }
+    let mut verneed = None;
+    if let Some(section) = section_headers.iter().find(|shdr| shdr.sh_type == SHT_GNU_VERNEED) {
+        let bytes = read_part(source, "version needs", section.sh_offset, section.sh_size)?;
+        let mut rebased = section.clone();
+        rebased.sh_offset = 0;
+        verneed = Some((bytes, rebased));
+    }
 
     let kind = ElfKind {
-        machine: elf.header.e_machine,
-        is_64: elf.is_64,
-        little_endian: elf.little_endian,
+        machine: header.e_machine,
+        is_64: ctx.container.is_big(),
+        little_endian: ctx.le.is_little(),
     };
     let mut object = ElfObject {
         kind,
         ..ElfObject::default()
     };
-    let strings = DynamicStrings::of(&elf, bytes);
-    read_dynamic_strings(&elf, &strings, &mut object)?;
-    object.version_needs = read_version_needs(&elf, &strings)?;
+    read_dynamic_strings(dynamic.as_ref(), &strings, &mut object)?;
+    let symbols = match &dynsym {
+        Some((bytes, count)) => Some(goblin(Symtab::parse(bytes, 0, *count, ctx))?),
+        None => None,
+    };
+    let verneed = match &verneed {
+        Some((bytes, section)) => goblin(VerneedSection::parse(bytes, std::slice::from_ref(section), ctx))?,
+        None => None,
+    };
+    object.version_needs =
+        read_version_needs(verneed.as_ref(), symbols.as_ref(), &versym, ctx, &strings).map_err(ParseError::Invalid)?;
     Ok(object)
 }
 
-/// Parses only what the closure reads: the program and section headers,
-/// the dynamic section, the dynamic symbol table (read one symbol at a
-/// time later) and the version sections. `Elf::parse` also parses every
-/// relocation and symbol, most of its time on the PHP tree's libraries.
-fn parse_dynamic_parts(bytes: &[u8]) -> goblin::error::Result<Elf<'_>> {
-    let header = Elf::parse_header(bytes)?;
-    let ctx = Ctx::new(header.container()?, header.endianness()?);
-    let mut elf = Elf::lazy_parse(header)?;
-    elf.program_headers = ProgramHeader::parse(bytes, header.e_phoff as usize, header.e_phnum as usize, ctx)?;
-    elf.section_headers = SectionHeader::parse(bytes, header.e_shoff as usize, header.e_shnum as usize, ctx)?;
-    elf.dynamic = Dynamic::parse(bytes, &elf.program_headers, ctx)?;
-    if let Some(dynsym) = elf.section_headers.iter().find(|shdr| shdr.sh_type == SHT_DYNSYM) {
-        let count = dynsym.sh_size.checked_div(dynsym.sh_entsize).unwrap_or(0);
-        elf.dynsyms = Symtab::parse(bytes, dynsym.sh_offset as usize, count as usize, ctx)?;
+/// Reads the section headers at `offset`. As in goblin, offset 0 means no
+/// section headers, and a count of 0 is taken from the first header's
+/// sh_size (the form for more than SHN_LORESERVE sections).
+fn read_section_headers(
+    source: &impl Source,
+    offset: u64,
+    count: usize,
+    ctx: Ctx,
+) -> Result<Vec<SectionHeader>, ParseError> {
+    if offset == 0 {
+        return Ok(Vec::new());
     }
-    elf.versym = VersymSection::parse(bytes, &elf.section_headers, ctx)?;
-    elf.verneed = VerneedSection::parse(bytes, &elf.section_headers, ctx)?;
-    Ok(elf)
+    let size = SectionHeader::size(ctx) as u64;
+    let mut count = count as u64;
+    if count == 0 {
+        let first = read_part(source, "section headers", offset, size)?;
+        count = goblin(SectionHeader::parse_from(&first, 0, 1, ctx))?[0].sh_size;
+    }
+    let bytes = read_part(source, "section headers", offset, count.saturating_mul(size))?;
+    goblin(SectionHeader::parse_from(&bytes, 0, count as usize, ctx))
 }
 
 /// The dynamic string table, read one string at a time: goblin's
 /// `Strtab::parse` checks and splits every string of it first.
 struct DynamicStrings<'a> {
-    table: &'a [u8],
+    table: Cow<'a, [u8]>,
 }
 
-impl<'a> DynamicStrings<'a> {
-    /// Returns the table that DT_STRTAB and DT_STRSZ name, cut to the
-    /// file: a string past its end is reported as outside the table.
-    fn of(elf: &Elf, bytes: &'a [u8]) -> DynamicStrings<'a> {
-        let table = elf
-            .dynamic
-            .as_ref()
-            .and_then(|dynamic| {
-                let start = dynamic.info.strtab;
-                let end = start.checked_add(dynamic.info.strsz)?.min(bytes.len());
-                bytes.get(start..end)
-            })
-            .unwrap_or_default();
-        DynamicStrings { table }
+impl DynamicStrings<'_> {
+    /// Returns the NUL-terminated UTF-8 string at `offset`.
+    fn get(&self, offset: usize) -> Option<&str> {
+        std::str::from_utf8(self.get_bytes(offset)?).ok()
     }
 
-    /// Returns the NUL-terminated UTF-8 string at `offset`.
-    fn get(&self, offset: usize) -> Option<&'a str> {
+    /// Returns the bytes of the NUL-terminated string at `offset`.
+    fn get_bytes(&self, offset: usize) -> Option<&[u8]> {
         let rest = self.table.get(offset..)?;
         let end = rest.iter().position(|&byte| byte == 0)?;
-        std::str::from_utf8(&rest[..end]).ok()
+        Some(&rest[..end])
     }
 }
 
 /// Rejects a file whose PT_LOAD segments end past the end of the file, the
 /// sign of a truncated copy.
-fn check_segments_in_file(elf: &Elf, file_size: usize) -> Result<(), String> {
-    for (index, header) in elf.program_headers.iter().enumerate() {
+fn check_segments_in_file(program_headers: &[ProgramHeader], file_size: u64) -> Result<(), ParseError> {
+    for (index, header) in program_headers.iter().enumerate() {
         if header.p_type != PT_LOAD {
             continue;
         }
 
         let end = header.p_offset.checked_add(header.p_filesz);
-        let fits = end.is_some_and(|end| end <= file_size as u64);
+        let fits = end.is_some_and(|end| end <= file_size);
         if !fits {
-            return Err(format!(
+            return Err(ParseError::Invalid(format!(
                 "program header {index} (PT_LOAD, offset {}, size {}) ends past the end of \
                  the file ({file_size} bytes), so the file is truncated",
                 header.p_offset, header.p_filesz
-            ));
+            )));
         }
     }
     Ok(())
@@ -160,8 +346,12 @@ fn check_segments_in_file(elf: &Elf, file_size: usize) -> Result<(), String> {
 ///
 /// goblin skips an entry whose string offset is outside the dynamic string
 /// table, so the dynamic section is walked here to report such an entry.
-fn read_dynamic_strings(elf: &Elf, strings: &DynamicStrings, object: &mut ElfObject) -> Result<(), String> {
-    let Some(dynamic) = &elf.dynamic else {
+fn read_dynamic_strings(
+    dynamic: Option<&Dynamic>,
+    strings: &DynamicStrings,
+    object: &mut ElfObject,
+) -> Result<(), ParseError> {
+    let Some(dynamic) = dynamic else {
         return Ok(());
     };
 
@@ -172,11 +362,11 @@ fn read_dynamic_strings(elf: &Elf, strings: &DynamicStrings, object: &mut ElfObj
         }
 
         let Some(text) = usize::try_from(entry.d_val).ok().and_then(|offset| strings.get(offset)) else {
-            return Err(format!(
+            return Err(ParseError::Invalid(format!(
                 "the {} entry points to offset {} outside the dynamic string table",
                 goblin::elf::dynamic::tag_to_str(tag),
                 entry.d_val
-            ));
+            )));
         };
 
         let text = text.to_owned();
@@ -190,63 +380,87 @@ fn read_dynamic_strings(elf: &Elf, strings: &DynamicStrings, object: &mut ElfObj
     Ok(())
 }
 
-/// Reads the version needs (SHT_GNU_VERNEED) and binds to each the undefined
-/// dynamic symbols whose SHT_GNU_VERSYM entry names it.
-fn read_version_needs(elf: &Elf, strings: &DynamicStrings) -> Result<Vec<VersionNeed>, String> {
-    let Some(verneed) = &elf.verneed else {
+/// Reads the version needs (SHT_GNU_VERNEED) and finds for each the first
+/// undefined dynamic symbol whose SHT_GNU_VERSYM entry names it.
+fn read_version_needs(
+    verneed: Option<&VerneedSection>,
+    symbols: Option<&Symtab>,
+    versym: &[u8],
+    ctx: Ctx,
+    strings: &DynamicStrings,
+) -> Result<Vec<VersionNeed>, String> {
+    let Some(verneed) = verneed else {
         return Ok(Vec::new());
     };
 
     let mut needs = Vec::new();
-    let mut need_by_index: BTreeMap<u16, usize> = BTreeMap::new();
+    // The version indexes of an object are small numbers from 2 up, so
+    // they index a table of needs.
+    let mut need_by_index: Vec<Option<usize>> = Vec::new();
     for need in verneed {
         let library = dynamic_string(strings, need.vn_file, "vn_file")?;
         for aux in &need {
             let version = dynamic_string(strings, aux.vna_name, "vna_name")?;
-            need_by_index.insert(aux.vna_other & goblin::elf::symver::VERSYM_VERSION, needs.len());
+            let index = usize::from(aux.vna_other & goblin::elf::symver::VERSYM_VERSION);
+            if need_by_index.len() <= index {
+                need_by_index.resize(index + 1, None);
+            }
+            need_by_index[index] = Some(needs.len());
             needs.push(VersionNeed {
                 library: library.clone(),
                 version,
-                symbols: Vec::new(),
+                first_symbol: None,
             });
         }
     }
 
-    if let Some(versym) = &elf.versym {
+    if let Some(symbols) = symbols {
         // Only the symbols whose version is a need are parsed: most
         // symbols of a library are its own definitions.
-        for index in 0..elf.dynsyms.len() {
-            let Some(entry) = versym.get_at(index) else {
-                break;
+        let mut first_symbols: Vec<Option<&[u8]>> = vec![None; needs.len()];
+        for (index, entry) in versym.chunks_exact(2).take(symbols.len()).enumerate() {
+            let entry = [entry[0], entry[1]];
+            let value = if ctx.le.is_little() {
+                u16::from_le_bytes(entry)
+            } else {
+                u16::from_be_bytes(entry)
             };
-            let Some(&need) = need_by_index.get(&entry.version()) else {
+            let version = usize::from(value & goblin::elf::symver::VERSYM_VERSION);
+            let Some(&Some(need)) = need_by_index.get(version) else {
                 continue;
             };
-            let Some(symbol) = elf.dynsyms.get(index) else {
+            let Some(symbol) = symbols.get(index) else {
                 break;
             };
             if symbol.st_shndx != SHN_UNDEF as usize {
                 continue;
             }
-            let name = dynamic_string(strings, symbol.st_name, "st_name")?;
-            needs[need].symbols.push(name);
+            let Some(name) = strings.get_bytes(symbol.st_name) else {
+                return Err(outside_strings("st_name", symbol.st_name));
+            };
+            if first_symbols[need].is_none_or(|first| name < first) {
+                first_symbols[need] = Some(name);
+            }
+        }
+        // Only the name a report shows is decoded, lossily: the names are
+        // compared as bytes, as ld.so does.
+        for (need, first) in needs.iter_mut().zip(first_symbols) {
+            need.first_symbol = first.map(|name| String::from_utf8_lossy(name).into_owned());
         }
     }
 
-    for need in &mut needs {
-        need.symbols.sort();
-        need.symbols.dedup();
-    }
     Ok(needs)
 }
 
 fn dynamic_string(strings: &DynamicStrings, offset: usize, field: &str) -> Result<String, String> {
     match strings.get(offset) {
         Some(text) => Ok(text.to_owned()),
-        None => Err(format!(
-            "a {field} points to offset {offset} outside the dynamic string table"
-        )),
+        None => Err(outside_strings(field, offset)),
     }
+}
+
+fn outside_strings(field: &str, offset: usize) -> String {
+    format!("a {field} points to offset {offset} outside the dynamic string table")
 }
 
 /// A glibc release as (major, minor, patch), such as (2, 2, 5) for GLIBC_2.2.5.
@@ -331,13 +545,13 @@ fn check_glibc_versions(file: &Path, object: &ElfObject, policy: &TargetPolicy) 
         right_release
             .cmp(left_release)
             .then_with(|| left.library.cmp(&right.library))
-            .then_with(|| left.symbols.is_empty().cmp(&right.symbols.is_empty()))
+            .then_with(|| left.first_symbol.is_none().cmp(&right.first_symbol.is_none()))
     })?;
 
     Some(Problem::GlibcTooNew {
         file: file.to_owned(),
         version: need.version.clone(),
-        symbol: need.symbols.first().cloned(),
+        symbol: need.first_symbol.clone(),
         library: need.library.clone(),
         glibc_max: policy.glibc_max,
     })
@@ -429,7 +643,7 @@ mod tests {
         let hypot_need = object
             .version_needs
             .iter()
-            .find(|need| need.symbols.contains(&"hypot".to_owned()))
+            .find(|need| need.first_symbol.as_deref() == Some("hypot"))
             .unwrap_or_else(|| panic!("no need binds hypot: {:?}", object.version_needs));
         assert_eq!(hypot_need.library, "libm.so.6");
         assert!(
@@ -437,6 +651,55 @@ mod tests {
             "version {}",
             hypot_need.version
         );
+    }
+
+    #[test]
+    fn read_object_matches_parse_object() {
+        let sysroot = Sysroot::new();
+        let library = sysroot.library(
+            "/usr/lib/libread.so.1",
+            "libread.so.1",
+            fixtures::HYPOT_SOURCE,
+            &[
+                "-lm".to_owned(),
+                "-Wl,--disable-new-dtags".to_owned(),
+                "-Wl,-rpath,/opt/lib".to_owned(),
+            ],
+        );
+        let bytes = std::fs::read(&library).unwrap();
+        assert!(
+            bytes.len() as u64 > FILE_START_BYTES,
+            "the fixture fits in the first read"
+        );
+
+        let from_file = read_object(&File::open(&library).unwrap()).unwrap();
+
+        assert_eq!(from_file, parse_object(&bytes).unwrap());
+        assert_eq!(from_file.rpath, ["/opt/lib"]);
+        assert!(from_file
+            .version_needs
+            .iter()
+            .any(|need| need.first_symbol.as_deref() == Some("hypot")));
+    }
+
+    #[test]
+    fn read_object_rejects_truncated_file() {
+        let sysroot = Sysroot::new();
+        let library = sysroot.library(
+            "/usr/lib/libcut.so.1",
+            "libcut.so.1",
+            "int cut(void) { return 1; }",
+            &[],
+        );
+        let bytes = std::fs::read(&library).unwrap();
+        std::fs::write(&library, &bytes[..bytes.len() - 100]).unwrap();
+
+        let error = read_object(&File::open(&library).unwrap()).unwrap_err();
+
+        let ParseError::Invalid(reason) = error else {
+            panic!("expected an invalid object: {error:?}");
+        };
+        assert!(reason.contains("too short"), "reason: {reason}");
     }
 
     #[test]
@@ -568,17 +831,17 @@ mod tests {
             VersionNeed {
                 library: "libc.so.6".to_owned(),
                 version: "GLIBC_2.35".to_owned(),
-                symbols: vec!["pthread_create".to_owned()],
+                first_symbol: Some("pthread_create".to_owned()),
             },
             VersionNeed {
                 library: "libm.so.6".to_owned(),
                 version: "GLIBC_2.38".to_owned(),
-                symbols: vec!["fmaximum".to_owned(), "fminimum".to_owned()],
+                first_symbol: Some("fmaximum".to_owned()),
             },
             VersionNeed {
                 library: "libc.so.6".to_owned(),
                 version: "GLIBC_PRIVATE".to_owned(),
-                symbols: vec!["__libc_secure".to_owned()],
+                first_symbol: Some("__libc_secure".to_owned()),
             },
         ];
 
@@ -602,7 +865,7 @@ mod tests {
         object.version_needs = vec![VersionNeed {
             library: "libc.so.6".to_owned(),
             version: "GLIBC_2.34".to_owned(),
-            symbols: vec!["__libc_start_main".to_owned()],
+            first_symbol: Some("__libc_start_main".to_owned()),
         }];
 
         let problems = check_object(Path::new("/sysroot/bin/php"), &[], &object, &policy("2.34"));
@@ -616,7 +879,7 @@ mod tests {
         object.version_needs = vec![VersionNeed {
             library: "libc.so.6".to_owned(),
             version: "GLIBC_2.2.5".to_owned(),
-            symbols: vec!["malloc".to_owned()],
+            first_symbol: Some("malloc".to_owned()),
         }];
 
         let problems = check_object(Path::new("/sysroot/bin/php"), &[], &object, &policy("2.2"));

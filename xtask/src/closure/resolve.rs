@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::elf::{check_object, parse_object, ElfObject};
-use super::search::{expand_search_path, find_library, search_order, Found, LookupResult};
+use super::elf::{check_object, read_object, ElfObject, ParseError};
+use super::search::{expand_search_path, find_library, search_order, Found, LookupResult, SearchCache};
 use super::sysroot::{host_path, real_inner_path};
 use super::{BundledLibrary, Closure, Problem, TargetPolicy};
 
@@ -89,22 +89,17 @@ struct WalkState {
 pub fn walk(sysroot: &Path, roots: &[PathBuf], policy: &TargetPolicy) -> WalkOutcome {
     let mut state = WalkState::default();
     let mut level = state.queue_roots(sysroot, roots);
+    let cache = SearchCache::default();
 
     while !level.is_empty() {
-        let visits: Vec<Visit> = level.par_iter().map(|node| visit(sysroot, policy, node)).collect();
+        let visits: Vec<Visit> = level
+            .par_iter()
+            .map(|node| visit(sysroot, policy, &cache, node))
+            .collect();
         level = state.merge(level, visits);
     }
 
     state.finish(sysroot, policy)
-}
-
-/// Maps a file into memory: parsing an ELF file reads its headers and
-/// dynamic sections, a small part of a library such as ICU's 30 MB data.
-fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
-    let file = fs::File::open(path)?;
-    // SAFETY: the files are in the build root, which nothing writes while
-    // the closure is resolved; a file truncated meanwhile would fault.
-    unsafe { memmap2::Mmap::map(&file) }
 }
 
 /// Reads and parses one object, expands its DT_RPATH and DT_RUNPATH, and
@@ -112,7 +107,7 @@ fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
 ///
 /// The names of an object of the wrong architecture are not looked up,
 /// because its dependencies would be those of another build.
-fn visit(sysroot: &Path, policy: &TargetPolicy, node: &Node) -> Visit {
+fn visit(sysroot: &Path, policy: &TargetPolicy, cache: &SearchCache, node: &Node) -> Visit {
     let failed = |failure| Visit {
         object: Err(failure),
         child_rpath: Vec::new(),
@@ -120,15 +115,14 @@ fn visit(sysroot: &Path, policy: &TargetPolicy, node: &Node) -> Visit {
         problems: Vec::new(),
     };
 
-    let bytes = match map_file(&node.real_path) {
-        Ok(bytes) => bytes,
-        Err(error) => return failed(ObjectFailure::Unreadable(error.to_string())),
-    };
-    let object = match parse_object(&bytes) {
+    let parsed = fs::File::open(&node.real_path)
+        .map_err(ParseError::Unreadable)
+        .and_then(|file| read_object(&file));
+    let object = match parsed {
         Ok(object) => object,
-        Err(reason) => return failed(ObjectFailure::Invalid(reason)),
+        Err(ParseError::Unreadable(error)) => return failed(ObjectFailure::Unreadable(error.to_string())),
+        Err(ParseError::Invalid(reason)) => return failed(ObjectFailure::Invalid(reason)),
     };
-    drop(bytes);
 
     if object.kind != policy.machine.expected_kind() {
         return Visit {
@@ -173,7 +167,7 @@ fn visit(sysroot: &Path, policy: &TargetPolicy, node: &Node) -> Visit {
                 continue;
             }
         }
-        let result = find_library(sysroot, name, &dirs, &node.path);
+        let result = find_library(sysroot, cache, name, &dirs, &node.path);
         lookups.push((name.clone(), result));
     }
 

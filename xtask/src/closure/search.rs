@@ -2,10 +2,11 @@
 //! DT_RUNPATH into directories, the search order, and the lookup of the name
 //! in those directories inside the sysroot.
 
-use std::fs;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use super::sysroot::{host_path, real_inner_path};
+use super::sysroot::{host_path, real_inner_path, real_path_in_dir, SysrootPathError};
 use super::Problem;
 
 /// A library file found for a DT_NEEDED name.
@@ -143,12 +144,68 @@ pub fn search_order(
     order
 }
 
+/// A path resolved inside the sysroot: its real inner path, None when it
+/// does not exist, or why it cannot be resolved.
+type Resolution = Result<Option<PathBuf>, SysrootPathError>;
+
+/// The lookups of one walk, made once each and shared by its threads.
+///
+/// Most objects search the same directories for the same names, and the
+/// sysroot does not change while the closure is resolved.
+#[derive(Default)]
+pub struct SearchCache {
+    /// Real inner path of each inner directory searched.
+    real_dirs: Mutex<HashMap<PathBuf, Resolution>>,
+    /// By real directory, then by name: the real inner path of the regular
+    /// file under that name.
+    files: Mutex<HashMap<PathBuf, HashMap<String, Resolution>>>,
+}
+
+impl SearchCache {
+    /// Returns the real inner path of the inner directory `dir`.
+    fn real_dir(&self, sysroot: &Path, dir: &Path) -> Resolution {
+        if let Some(real_dir) = lock(&self.real_dirs).get(dir) {
+            return real_dir.clone();
+        }
+        // Two threads may resolve the same directory at once: both get the
+        // same answer.
+        let real_dir = real_inner_path(sysroot, dir);
+        lock(&self.real_dirs).insert(dir.to_owned(), real_dir.clone());
+        real_dir
+    }
+
+    /// Returns the real inner path of the regular file `name` in `real_dir`,
+    /// or None when no regular file has that name.
+    fn real_file(&self, sysroot: &Path, real_dir: &Path, name: &str) -> Resolution {
+        if let Some(real_file) = lock(&self.files).get(real_dir).and_then(|names| names.get(name)) {
+            return real_file.clone();
+        }
+        let real_file = real_path_in_dir(sysroot, real_dir, name)
+            .map(|real| real.filter(|real| real.is_file).map(|real| real.inner_path));
+        lock(&self.files)
+            .entry(real_dir.to_owned())
+            .or_default()
+            .insert(name.to_owned(), real_file.clone());
+        real_file
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().expect("a lookup thread panicked")
+}
+
 /// Looks up the DT_NEEDED `name` of `needed_by` in `dirs`, inside the sysroot.
 ///
 /// The first directory whose entry `name` exists wins, as in ld.so, even if
 /// the file turns out to be for another machine: the caller checks it. A
 /// name with a slash is a path and is not searched.
-pub fn find_library(sysroot: &Path, name: &str, dirs: &[PathBuf], needed_by: &Path) -> LookupResult {
+pub fn find_library(
+    sysroot: &Path,
+    cache: &SearchCache,
+    name: &str,
+    dirs: &[PathBuf],
+    needed_by: &Path,
+) -> LookupResult {
     if name.contains('/') {
         let path = Path::new(name);
         if !path.is_absolute() {
@@ -157,7 +214,7 @@ pub fn find_library(sysroot: &Path, name: &str, dirs: &[PathBuf], needed_by: &Pa
         let (Some(parent), Some(file_name)) = (path.parent(), path.file_name()) else {
             return LookupResult::NotFound { searched: Vec::new() };
         };
-        return match find_in_dir(sysroot, parent, file_name.to_string_lossy().as_ref(), needed_by) {
+        return match find_in_dir(sysroot, cache, parent, file_name.to_string_lossy().as_ref(), needed_by) {
             Ok(Some(found)) => LookupResult::Found(found),
             Ok(None) => LookupResult::NotFound {
                 searched: vec![parent.to_owned()],
@@ -167,7 +224,7 @@ pub fn find_library(sysroot: &Path, name: &str, dirs: &[PathBuf], needed_by: &Pa
     }
 
     for dir in dirs {
-        match find_in_dir(sysroot, dir, name, needed_by) {
+        match find_in_dir(sysroot, cache, dir, name, needed_by) {
             Ok(Some(found)) => return LookupResult::Found(found),
             Ok(None) => continue,
             Err(problem) => return LookupResult::Failed(problem),
@@ -181,44 +238,46 @@ pub fn find_library(sysroot: &Path, name: &str, dirs: &[PathBuf], needed_by: &Pa
 
 /// Returns the regular file `name` in the inner directory `dir`, or None when
 /// the directory or the file does not exist or the file is not a regular file.
-fn find_in_dir(sysroot: &Path, dir: &Path, name: &str, needed_by: &Path) -> Result<Option<Found>, Problem> {
-    let bad_path = |path: PathBuf, reason: String| Problem::BadPath {
+fn find_in_dir(
+    sysroot: &Path,
+    cache: &SearchCache,
+    dir: &Path,
+    name: &str,
+    needed_by: &Path,
+) -> Result<Option<Found>, Problem> {
+    let bad_path = |path: PathBuf, error: SysrootPathError| Problem::BadPath {
         needed_by: Some(needed_by.to_owned()),
         soname: Some(name.to_owned()),
         path,
         sysroot: sysroot.to_owned(),
-        reason,
+        reason: error.to_string(),
     };
 
-    let real_dir = match real_inner_path(sysroot, dir) {
+    let real_dir = match cache.real_dir(sysroot, dir) {
         Ok(Some(real_dir)) => real_dir,
         Ok(None) => return Ok(None),
-        Err(error) => return Err(bad_path(dir.to_owned(), error.to_string())),
-    };
-
-    let inner_path = real_dir.join(name);
-    let real_inner = match real_inner_path(sysroot, &inner_path) {
-        Ok(Some(real_inner)) => real_inner,
-        Ok(None) => return Ok(None),
-        Err(error) => return Err(bad_path(dir.join(name), error.to_string())),
+        Err(error) => return Err(bad_path(dir.to_owned(), error)),
     };
 
     // ld.so cannot map a directory or a device, so it goes on to the next one.
-    let real_path = host_path(sysroot, &real_inner);
-    let is_file = fs::metadata(&real_path).is_ok_and(|metadata| metadata.is_file());
-    if !is_file {
-        return Ok(None);
-    }
+    let real_inner = match cache.real_file(sysroot, &real_dir, name) {
+        Ok(Some(real_inner)) => real_inner,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(bad_path(dir.join(name), error)),
+    };
 
+    let inner_path = real_dir.join(name);
     Ok(Some(Found {
         path: host_path(sysroot, &inner_path),
         inner_path,
-        real_path,
+        real_path: host_path(sysroot, &real_inner),
     }))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::closure::fixtures::Sysroot;
 
@@ -323,7 +382,13 @@ mod tests {
         sysroot.write("/opt/lib/libz.so.1", b"first");
         let dirs = paths(&["/missing", "/opt/lib", "/usr/lib"]);
 
-        let result = find_library(sysroot.path(), "libz.so.1", &dirs, Path::new("/php"));
+        let result = find_library(
+            sysroot.path(),
+            &SearchCache::default(),
+            "libz.so.1",
+            &dirs,
+            Path::new("/php"),
+        );
 
         assert_eq!(
             result,
@@ -343,6 +408,7 @@ mod tests {
 
         let result = find_library(
             sysroot.path(),
+            &SearchCache::default(),
             "libz.so.1",
             &paths(&["/opt/lib", "/usr/lib"]),
             Path::new("/php"),
@@ -355,11 +421,43 @@ mod tests {
     }
 
     #[test]
+    fn find_reuses_lookups_of_same_cache() {
+        let sysroot = Sysroot::new();
+        sysroot.write("/usr/lib/libz.so.1", b"library");
+        let dirs = paths(&["/opt/lib", "/usr/lib"]);
+        let cache = SearchCache::default();
+        let first = find_library(sysroot.path(), &cache, "libz.so.1", &dirs, Path::new("/php"));
+        fs::remove_file(sysroot.host("/usr/lib/libz.so.1")).unwrap();
+        sysroot.write("/opt/lib/libz.so.1", b"library");
+
+        let second = find_library(sysroot.path(), &cache, "libz.so.1", &dirs, Path::new("/php-fpm"));
+        let fresh = find_library(
+            sysroot.path(),
+            &SearchCache::default(),
+            "libz.so.1",
+            &dirs,
+            Path::new("/php"),
+        );
+
+        assert_eq!(second, first);
+        let LookupResult::Found(found) = fresh else {
+            panic!("not found: {fresh:?}");
+        };
+        assert_eq!(found.real_path, sysroot.host("/opt/lib/libz.so.1"));
+    }
+
+    #[test]
     fn find_reports_searched_directories() {
         let sysroot = Sysroot::new();
         let dirs = paths(&["/opt/lib", "/usr/lib"]);
 
-        let result = find_library(sysroot.path(), "libz.so.1", &dirs, Path::new("/php"));
+        let result = find_library(
+            sysroot.path(),
+            &SearchCache::default(),
+            "libz.so.1",
+            &dirs,
+            Path::new("/php"),
+        );
 
         assert_eq!(result, LookupResult::NotFound { searched: dirs });
     }
@@ -369,7 +467,13 @@ mod tests {
         let sysroot = Sysroot::new();
         sysroot.symlink("/opt/lib", "/opt/lib");
 
-        let result = find_library(sysroot.path(), "libz.so.1", &paths(&["/opt/lib"]), Path::new("/php"));
+        let result = find_library(
+            sysroot.path(),
+            &SearchCache::default(),
+            "libz.so.1",
+            &paths(&["/opt/lib"]),
+            Path::new("/php"),
+        );
 
         let LookupResult::Failed(problem) = result else {
             panic!("expected a failure: {result:?}");
@@ -386,6 +490,7 @@ mod tests {
 
         let result = find_library(
             sysroot.path(),
+            &SearchCache::default(),
             "/opt/vendor/libv.so",
             &paths(&["/usr/lib"]),
             Path::new("/php"),

@@ -55,9 +55,39 @@ pub fn host_path(sysroot: &Path, inner: &Path) -> PathBuf {
 /// `inner` must be absolute. A component that is not a directory but is
 /// followed by more components also yields None, as ENOTDIR does.
 pub fn real_inner_path(sysroot: &Path, inner: &Path) -> Result<Option<PathBuf>, SysrootPathError> {
+    let real = resolve_from(sysroot, PathBuf::from("/"), inner)?;
+    Ok(real.map(|real| real.inner_path))
+}
+
+/// A path whose symlinks are resolved inside the sysroot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RealPath {
+    /// The inner path, free of symlinks.
+    pub inner_path: PathBuf,
+    /// Whether it is a regular file.
+    pub is_file: bool,
+}
+
+/// Resolves the name `name` in `real_dir`, an inner directory path free of
+/// symlinks (as [`real_inner_path`] returns), or returns None when nothing
+/// has that name.
+///
+/// It gives the same path as [`real_inner_path`] on the joined path, but
+/// reads only the components from `real_dir` on.
+pub fn real_path_in_dir(sysroot: &Path, real_dir: &Path, name: &str) -> Result<Option<RealPath>, SysrootPathError> {
+    resolve_from(sysroot, real_dir.to_owned(), Path::new(name))
+}
+
+/// Resolves `path` component by component, starting at `resolved`, an inner
+/// directory free of symlinks. An absolute `path` or symlink target starts
+/// again at the sysroot.
+fn resolve_from(sysroot: &Path, mut resolved: PathBuf, path: &Path) -> Result<Option<RealPath>, SysrootPathError> {
     let mut pending: VecDeque<OsString> = VecDeque::new();
-    push_components(&mut pending, inner);
-    let mut resolved = PathBuf::from("/");
+    push_components(&mut pending, path);
+    if path.is_absolute() {
+        resolved = PathBuf::from("/");
+    }
+    let mut is_file = false;
     let mut last_link: Option<PathBuf> = None;
     let mut symlinks_followed = 0;
 
@@ -66,6 +96,7 @@ pub fn real_inner_path(sysroot: &Path, inner: &Path) -> Result<Option<PathBuf>, 
             if !resolved.pop() {
                 return Err(SysrootPathError::Escapes { link: last_link });
             }
+            is_file = false;
             continue;
         }
 
@@ -94,6 +125,7 @@ pub fn real_inner_path(sysroot: &Path, inner: &Path) -> Result<Option<PathBuf>, 
             })?;
             if target.is_absolute() {
                 resolved = PathBuf::from("/");
+                is_file = false;
             }
             let mut target_components = VecDeque::new();
             push_components(&mut target_components, &target);
@@ -107,10 +139,14 @@ pub fn real_inner_path(sysroot: &Path, inner: &Path) -> Result<Option<PathBuf>, 
         if !pending.is_empty() && !metadata.is_dir() {
             return Ok(None);
         }
+        is_file = metadata.is_file();
         resolved = candidate;
     }
 
-    Ok(Some(resolved))
+    Ok(Some(RealPath {
+        inner_path: resolved,
+        is_file,
+    }))
 }
 
 /// Appends the names of `path` to `pending`, with `..` kept as a name and
