@@ -183,6 +183,9 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let project = project_root();
     let definitions = Definitions::load(&project.join("layers"))?;
     let mut plan = plan(args, &definitions, &project)?;
+    // The closure and the zips run on rayon's global pool. It is built once
+    // per process, so a pool that already runs (in a test) is kept.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(plan.jobs).build_global();
     host::ensure(&[host::DEBOOTSTRAP, host::BWRAP, host::XZ])?;
     let mirrors = Mirrors::discover(args.common.debian_mirror.as_deref())?;
     let host = build_root::host_arch()?;

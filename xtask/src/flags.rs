@@ -90,8 +90,9 @@ pub struct CommonArgs {
     pub debian_mirror: Option<String>,
 
     /// Parallel jobs for `make`, shared out among the PHP versions that
-    /// compile at once (one version per job at most). [default: the number
-    /// of CPUs]
+    /// compile at once (one version per job at most), and the threads that
+    /// resolve library closures and compress zips. [default: the number of
+    /// CPUs]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
 
