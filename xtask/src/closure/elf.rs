@@ -52,12 +52,12 @@ pub struct VersionNeed {
     pub first_symbol: Option<String>,
 }
 
-/// Why an object could not be parsed.
+/// A failure to read or parse an object.
 #[derive(Debug)]
 pub enum ParseError {
     /// Reading the file failed.
     Unreadable(io::Error),
-    /// The bytes are not a valid ELF object: the reason.
+    /// The bytes are not a valid ELF object, with the reason.
     Invalid(String),
 }
 
@@ -106,7 +106,7 @@ impl Source for &[u8] {
     }
 }
 
-/// A file, with its first page read at once: it holds the ELF header and,
+/// A file, with its first page read at once: it contains the ELF header and,
 /// in practice, the program headers.
 struct FileSource<'a> {
     file: &'a File,
@@ -143,9 +143,9 @@ impl Source for FileSource<'_> {
     }
 }
 
-/// Returns the `length` bytes at `offset` of `source`, or why they are not
-/// in the object: `what` names them in the message.
-fn read_part<'s>(source: &'s impl Source, what: &str, offset: u64, length: u64) -> Result<Cow<'s, [u8]>, ParseError> {
+/// Returns the `length` bytes at `offset` of `source`, or an error naming
+/// `part` when they are not all in the object.
+fn read_part<'s>(source: &'s impl Source, part: &str, offset: u64, length: u64) -> Result<Cow<'s, [u8]>, ParseError> {
     if length == 0 {
         return Ok(Cow::Borrowed(&[]));
     }
@@ -153,7 +153,7 @@ fn read_part<'s>(source: &'s impl Source, what: &str, offset: u64, length: u64) 
     let inside = offset.checked_add(length).is_some_and(|end| end <= size);
     if !inside {
         return Err(ParseError::Invalid(format!(
-            "the file ({size} bytes) is too short for the {what} at offset {offset} ({length} bytes), \
+            "the file ({size} bytes) is too short for the {part} at offset {offset} ({length} bytes), \
              so it is truncated or corrupt"
         )));
     }

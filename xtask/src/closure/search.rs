@@ -168,7 +168,7 @@ impl SearchCache {
             return real_dir.clone();
         }
         // Two threads may resolve the same directory at once: both get the
-        // same answer.
+        // same result.
         let real_dir = real_inner_path(sysroot, dir);
         lock(&self.real_dirs).insert(dir.to_owned(), real_dir.clone());
         real_dir
