@@ -68,21 +68,23 @@ pub enum ParseError {
 /// end is reported, and a goblin error or panic also becomes an error.
 #[cfg(test)]
 pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
-    parse_from(&bytes).map_err(|error| match error {
+    parse_from(&bytes, &|_| true).map_err(|error| match error {
         ParseError::Unreadable(error) => error.to_string(),
         ParseError::Invalid(reason) => reason,
     })
 }
 
-/// Reads and parses the ELF object in `file`, as [`parse_object`] does.
+/// Reads and parses the ELF object in `file`, as [`parse_object`] does, but
+/// looks for the first symbol only of the needs whose version name
+/// `reported` accepts: those a report may show.
 ///
 /// Only the parts the closure needs are read, with `pread`: the headers, the
 /// dynamic section and the dynamic symbol, string and version tables. Mapping
 /// the file would cost page faults, and unmapping it in a threaded process
 /// interrupts the other CPUs that run its threads to flush their TLBs.
-pub fn read_object(file: &File) -> Result<ElfObject, ParseError> {
+pub fn read_object(file: &File, reported: &dyn Fn(&str) -> bool) -> Result<ElfObject, ParseError> {
     let source = FileSource::new(file).map_err(ParseError::Unreadable)?;
-    parse_from(&source)
+    parse_from(&source, reported)
 }
 
 /// The bytes of an object: a slice in memory, or a file read at offsets.
@@ -167,7 +169,7 @@ fn goblin<T>(result: goblin::error::Result<T>) -> Result<T, ParseError> {
 
 /// Parses the object in `source`: checks the magic bytes, then reads and
 /// parses its parts. A panic inside goblin becomes an error.
-fn parse_from(source: &impl Source) -> Result<ElfObject, ParseError> {
+fn parse_from(source: &impl Source, reported: &dyn Fn(&str) -> bool) -> Result<ElfObject, ParseError> {
     let magic_length = source.size().min(ELF_MAGIC.len() as u64);
     if *source
         .bytes_at(0, magic_length as usize)
@@ -179,7 +181,7 @@ fn parse_from(source: &impl Source) -> Result<ElfObject, ParseError> {
         ));
     }
 
-    match panic::catch_unwind(AssertUnwindSafe(|| parse_dynamic_parts(source))) {
+    match panic::catch_unwind(AssertUnwindSafe(|| parse_dynamic_parts(source, reported))) {
         Ok(parsed) => parsed,
         Err(_) => Err(ParseError::Invalid("goblin panicked while parsing it".to_owned())),
     }
@@ -189,7 +191,7 @@ fn parse_from(source: &impl Source) -> Result<ElfObject, ParseError> {
 /// headers, the dynamic section, the dynamic symbol table (read one symbol at
 /// a time later) and the version sections. Each part is read on its own and
 /// parsed at offset 0, so every header offset into it is rebased.
-fn parse_dynamic_parts(source: &impl Source) -> Result<ElfObject, ParseError> {
+fn parse_dynamic_parts(source: &impl Source, reported: &dyn Fn(&str) -> bool) -> Result<ElfObject, ParseError> {
     let header_bytes = source
         .bytes_at(0, source.size().min(64) as usize)
         .map_err(ParseError::Unreadable)?;
@@ -273,8 +275,8 @@ fn parse_dynamic_parts(source: &impl Source) -> Result<ElfObject, ParseError> {
         Some((bytes, section)) => goblin(VerneedSection::parse(bytes, std::slice::from_ref(section), ctx))?,
         None => None,
     };
-    object.version_needs =
-        read_version_needs(verneed.as_ref(), symbols.as_ref(), &versym, ctx, &strings).map_err(ParseError::Invalid)?;
+    object.version_needs = read_version_needs(verneed.as_ref(), symbols.as_ref(), &versym, ctx, &strings, reported)
+        .map_err(ParseError::Invalid)?;
     Ok(object)
 }
 
@@ -380,14 +382,16 @@ fn read_dynamic_strings(
     Ok(())
 }
 
-/// Reads the version needs (SHT_GNU_VERNEED) and finds for each the first
-/// undefined dynamic symbol whose SHT_GNU_VERSYM entry names it.
+/// Reads the version needs (SHT_GNU_VERNEED) and finds for each need whose
+/// version `reported` accepts the first undefined dynamic symbol whose
+/// SHT_GNU_VERSYM entry names it.
 fn read_version_needs(
     verneed: Option<&VerneedSection>,
     symbols: Option<&Symtab>,
     versym: &[u8],
     ctx: Ctx,
     strings: &DynamicStrings,
+    reported: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<VersionNeed>, String> {
     let Some(verneed) = verneed else {
         return Ok(Vec::new());
@@ -401,11 +405,13 @@ fn read_version_needs(
         let library = dynamic_string(strings, need.vn_file, "vn_file")?;
         for aux in &need {
             let version = dynamic_string(strings, aux.vna_name, "vna_name")?;
-            let index = usize::from(aux.vna_other & goblin::elf::symver::VERSYM_VERSION);
-            if need_by_index.len() <= index {
-                need_by_index.resize(index + 1, None);
+            if reported(&version) {
+                let index = usize::from(aux.vna_other & goblin::elf::symver::VERSYM_VERSION);
+                if need_by_index.len() <= index {
+                    need_by_index.resize(index + 1, None);
+                }
+                need_by_index[index] = Some(needs.len());
             }
-            need_by_index[index] = Some(needs.len());
             needs.push(VersionNeed {
                 library: library.clone(),
                 version,
@@ -414,9 +420,12 @@ fn read_version_needs(
         }
     }
 
+    // An object that meets the policy has no reported need, so its symbols
+    // are not read at all.
+    let symbols = symbols.filter(|_| !need_by_index.is_empty());
     if let Some(symbols) = symbols {
-        // Only the symbols whose version is a need are parsed: most
-        // symbols of a library are its own definitions.
+        // Only the symbols whose version is a reported need are parsed:
+        // most symbols of a library are its own definitions.
         let mut first_symbols: Vec<Option<&[u8]>> = vec![None; needs.len()];
         for (index, entry) in versym.chunks_exact(2).take(symbols.len()).enumerate() {
             let entry = [entry[0], entry[1]];
@@ -494,6 +503,13 @@ pub fn glibc_release(version_name: &str) -> Option<GlibcRelease> {
     }
 }
 
+/// Returns whether the version name `version_name` is a glibc release above
+/// `policy.glibc_max`, which [`check_object`] reports.
+pub fn above_glibc_max(version_name: &str, policy: &TargetPolicy) -> bool {
+    let max = (policy.glibc_max.major, policy.glibc_max.minor, 0);
+    glibc_release(version_name).is_some_and(|release| release > max)
+}
+
 /// Checks one object against the policy and returns its problems.
 ///
 /// `file` is the object's host path and `needed_by` the objects that need
@@ -531,13 +547,11 @@ pub fn check_object(file: &Path, needed_by: &[PathBuf], object: &ElfObject, poli
 /// Returns a problem naming the highest glibc version above
 /// `policy.glibc_max` that `object` needs, if any.
 fn check_glibc_versions(file: &Path, object: &ElfObject, policy: &TargetPolicy) -> Option<Problem> {
-    let max = (policy.glibc_max.major, policy.glibc_max.minor, 0);
-
     let too_new = object
         .version_needs
         .iter()
-        .filter_map(|need| Some((glibc_release(&need.version)?, need)))
-        .filter(|(release, _)| *release > max);
+        .filter(|need| above_glibc_max(&need.version, policy))
+        .filter_map(|need| Some((glibc_release(&need.version)?, need)));
 
     // Highest release first. Among needs of the same release, the first
     // library by name wins, so that the message does not depend on section order.
@@ -672,7 +686,7 @@ mod tests {
             "the fixture fits in the first read"
         );
 
-        let from_file = read_object(&File::open(&library).unwrap()).unwrap();
+        let from_file = read_object(&File::open(&library).unwrap(), &|_| true).unwrap();
 
         assert_eq!(from_file, parse_object(&bytes).unwrap());
         assert_eq!(from_file.rpath, ["/opt/lib"]);
@@ -680,6 +694,38 @@ mod tests {
             .version_needs
             .iter()
             .any(|need| need.first_symbol.as_deref() == Some("hypot")));
+    }
+
+    #[test]
+    fn read_object_finds_symbols_of_reported_needs_only() {
+        let sysroot = Sysroot::new();
+        let library = sysroot.library(
+            "/usr/lib/libm2.so.1",
+            "libm2.so.1",
+            fixtures::HYPOT_SOURCE,
+            &["-lm".to_owned()],
+        );
+        let file = File::open(&library).unwrap();
+
+        let all = read_object(&file, &|_| true).unwrap();
+        let left_out = all.version_needs[0].version.clone();
+        let some = read_object(&file, &|version| version != left_out).unwrap();
+        let none = read_object(&file, &|_| false).unwrap();
+
+        let versions = |object: &ElfObject| -> Vec<String> {
+            object.version_needs.iter().map(|need| need.version.clone()).collect()
+        };
+        assert_eq!(versions(&none), versions(&all));
+        assert!(none.version_needs.iter().all(|need| need.first_symbol.is_none()));
+        assert!(all.version_needs.iter().all(|need| need.first_symbol.is_some()));
+        assert!(all.version_needs.len() >= 2, "{:?}", all.version_needs);
+        for (need, full) in some.version_needs.iter().zip(&all.version_needs) {
+            if need.version == left_out {
+                assert_eq!(need.first_symbol, None, "{need:?}");
+            } else {
+                assert_eq!(need.first_symbol, full.first_symbol, "{need:?}");
+            }
+        }
     }
 
     #[test]
@@ -694,7 +740,7 @@ mod tests {
         let bytes = std::fs::read(&library).unwrap();
         std::fs::write(&library, &bytes[..bytes.len() - 100]).unwrap();
 
-        let error = read_object(&File::open(&library).unwrap()).unwrap_err();
+        let error = read_object(&File::open(&library).unwrap(), &|_| true).unwrap_err();
 
         let ParseError::Invalid(reason) = error else {
             panic!("expected an invalid object: {error:?}");

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::elf::{check_object, read_object, ElfObject, ParseError};
+use super::elf::{above_glibc_max, check_object, read_object, ElfObject, ParseError};
 use super::search::{expand_search_path, find_library, search_order, Found, LookupResult, SearchCache};
-use super::sysroot::{host_path, real_inner_path};
+use super::sysroot::host_path;
 use super::{BundledLibrary, Closure, Problem, TargetPolicy};
 
 /// Closure and unsorted problems of one walk.
@@ -88,8 +88,8 @@ struct WalkState {
 /// object against `policy`, and returns the closure with every problem met.
 pub fn walk(sysroot: &Path, roots: &[PathBuf], policy: &TargetPolicy) -> WalkOutcome {
     let mut state = WalkState::default();
-    let mut level = state.queue_roots(sysroot, roots);
     let cache = SearchCache::default();
+    let mut level = state.queue_roots(sysroot, &cache, roots);
 
     while !level.is_empty() {
         let visits: Vec<Visit> = level
@@ -117,7 +117,7 @@ fn visit(sysroot: &Path, policy: &TargetPolicy, cache: &SearchCache, node: &Node
 
     let parsed = fs::File::open(&node.real_path)
         .map_err(ParseError::Unreadable)
-        .and_then(|file| read_object(&file));
+        .and_then(|file| read_object(&file, &|version| above_glibc_max(version, policy)));
     let object = match parsed {
         Ok(object) => object,
         Err(ParseError::Unreadable(error)) => return failed(ObjectFailure::Unreadable(error.to_string())),
@@ -185,7 +185,7 @@ fn visit(sysroot: &Path, policy: &TargetPolicy, cache: &SearchCache, node: &Node
 impl WalkState {
     /// Returns the nodes of the roots, sorted and without duplicates, and
     /// records a problem for each root that cannot be visited.
-    fn queue_roots(&mut self, sysroot: &Path, roots: &[PathBuf]) -> Vec<Node> {
+    fn queue_roots(&mut self, sysroot: &Path, cache: &SearchCache, roots: &[PathBuf]) -> Vec<Node> {
         let unique: BTreeSet<&PathBuf> = roots.iter().collect();
         let mut nodes = Vec::new();
 
@@ -198,7 +198,7 @@ impl WalkState {
                 continue;
             };
 
-            let real_inner = match real_inner_path(sysroot, &inner_path) {
+            let real_inner = match cache.real_path(sysroot, &inner_path) {
                 Ok(Some(real_inner)) => real_inner,
                 Ok(None) => {
                     self.problems.push(Problem::Unreadable {

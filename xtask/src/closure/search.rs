@@ -174,6 +174,19 @@ impl SearchCache {
         real_dir
     }
 
+    /// Returns the real inner path of `inner`, as [`real_inner_path`] does,
+    /// with its directory resolved once per walk: the roots share a few.
+    pub fn real_path(&self, sysroot: &Path, inner: &Path) -> Resolution {
+        let (Some(dir), Some(name)) = (inner.parent(), inner.file_name().and_then(|name| name.to_str())) else {
+            return real_inner_path(sysroot, inner);
+        };
+        let Some(real_dir) = self.real_dir(sysroot, dir)? else {
+            return Ok(None);
+        };
+        let real = real_path_in_dir(sysroot, &real_dir, name)?;
+        Ok(real.map(|real| real.inner_path))
+    }
+
     /// Returns the real inner path of the regular file `name` in `real_dir`,
     /// or None when no regular file has that name.
     fn real_file(&self, sysroot: &Path, real_dir: &Path, name: &str) -> Resolution {
