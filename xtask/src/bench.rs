@@ -57,7 +57,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         page.push_str(&crate::bench_publish::render(&figures));
     }
-    let page = merge_sections(&old_page, &page);
+    let page = merge_sections(&old_page, &stamp_sections(&page, &run_stamp()));
     fs::write(&path, page).with_context(|| format!("failed to write {}", path.display()))?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
@@ -71,7 +71,10 @@ fn compile_page(args: &BenchArgs, definitions: &Definitions, cache_dir: &Path, o
     let jobs = args.common.jobs();
     let php = match args.php {
         Some(php) => php,
-        None => *definitions.php.keys().next_back().context("no PHP release declared")?,
+        None => *definitions
+            .default_releases()
+            .last()
+            .context("no file under layers/php/ sets build_by_default = true: pass --php")?,
     };
     let release = definitions
         .php
@@ -150,8 +153,9 @@ fn render_header(jobs: usize) -> String {
     let _ = writeln!(
         page,
         "Written by `cargo xtask bench` (`--only compile`, `runtime`, `build` or\n\
-         `publish` for one section): wall times of one run on the machine below.\n\
-         They vary from run to run, so compare figures of the same run.\n"
+         `publish` for one section): wall times on the machine below. Each\n\
+         section names the day and commit of its run. Times vary from run to\n\
+         run, so compare figures of the same run.\n"
     );
     let _ = writeln!(page, "## Machine\n");
     let _ = writeln!(page, "- CPU: {}", cpu_model());
@@ -163,6 +167,45 @@ fn render_header(jobs: usize) -> String {
     let _ = writeln!(page, "- memory: {}", memory_total());
     let _ = writeln!(page, "- `make -j{jobs}`\n");
     page
+}
+
+/// Returns the line that dates the sections of this run: the day and the
+/// commit, marked when the work tree has uncommitted changes.
+fn run_stamp() -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let day = &now[..10];
+    let git = |args: &[&str]| -> Option<String> {
+        let output = std::process::Command::new("git")
+            .args(args)
+            .current_dir(project_root())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => {
+            let changed =
+                git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|status| !status.is_empty());
+            let note = if changed { " with uncommitted changes" } else { "" };
+            format!("Measured on {day} at commit {commit}{note}.")
+        }
+        None => format!("Measured on {day}."),
+    }
+}
+
+/// Returns `page` with `stamp` as the first line of each section.
+fn stamp_sections(page: &str, stamp: &str) -> String {
+    let mut stamped = String::new();
+    for line in page.split_inclusive('\n') {
+        stamped.push_str(line);
+        if line.starts_with("## ") {
+            stamped.push_str(&format!("\n{stamp}\n"));
+        }
+    }
+    stamped
 }
 
 /// Returns `new` with the sections (`## ` headings) of `old` that `new`
@@ -289,6 +332,18 @@ fn memory_total() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamp_follows_each_heading() {
+        let page = "# B\n\nintro\n\n## Machine\n\n- cores: 2\n\n## Build\n\n1 ms\n";
+
+        let stamped = stamp_sections(page, "Measured on 2026-12-05.");
+
+        assert_eq!(
+            stamped,
+            "# B\n\nintro\n\n## Machine\n\nMeasured on 2026-12-05.\n\n- cores: 2\n\n## Build\n\nMeasured on 2026-12-05.\n\n1 ms\n"
+        );
+    }
 
     #[test]
     fn render_reports_ratio() {

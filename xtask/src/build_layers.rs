@@ -251,9 +251,9 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     if !built.layers.is_empty() {
         print_summary(&built.layers, &plan.out_dir);
     } else if let Some(until) = plan.until {
-        eprintln!("build-layers: stopped after the {until:?} stage (--until)");
+        eprintln!("build-layers: stopped after the {until} stage (--until {until})");
     }
-    eprintln!("build-layers: done in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!("build-layers: done in {:.1} s", started.elapsed().as_secs_f64());
     if !failures.is_empty() {
         bail!(
             "{} of {} architectures failed; the layers of the others are in {}:\n{}",
@@ -411,10 +411,17 @@ fn build_cell(context: &CellContext, php: PhpMinor, jobs: usize, built: &mut Bui
                 continue;
             }
         }
+        let started = Instant::now();
         let contents = layer::assemble(definitions, kind, target, &build, root, project)
             .with_context(|| format!("failed to assemble the layer {name}"))?;
         let zip_path = plan.out_dir.join(format!("{name}.zip"));
         let summary = write_layer(&name, &contents.entries, &zip_path)?;
+        eprintln!(
+            "layer {name}: {} libraries, zipped to {:.1} MB in {:.1} s",
+            contents.libraries.len(),
+            summary.size as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
 
         let disabled_extensions = definitions
             .extensions
@@ -564,7 +571,7 @@ fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Re
 
     if let (Some(force), Some(until)) = (args.force, args.until) {
         if force > until {
-            bail!("--force {force:?} names a stage after --until {until:?}, which never runs: drop one of them");
+            bail!("--force {force} names a stage after --until {until}, which never runs: drop one of them");
         }
     }
 
@@ -694,13 +701,15 @@ pub fn record_acceptance(out_dir: &Path, zip_hashes: &BTreeMap<String, String>) 
     Ok(recorded)
 }
 
+/// Prints the table of the layers on stdout, the task's result, and where
+/// they are on stderr with the progress lines.
 fn print_summary(built: &[ManifestLayer], out_dir: &Path) {
-    eprintln!(
+    println!(
         "{:<22} {:>8} {:>12} {:>14} {:>10}",
         "layer", "arch", "zip bytes", "unzipped bytes", "libraries"
     );
     for layer in built {
-        eprintln!(
+        println!(
             "{:<22} {:>8} {:>12} {:>14} {:>10}",
             layer.name,
             layer.architecture,
@@ -847,6 +856,8 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("never runs"), "{error}");
+        assert!(error.contains("--force layers"), "{error}");
+        assert!(error.contains("--until php"), "{error}");
         plan_for(&["--force", "php", "--until", "php"]).unwrap();
     }
 

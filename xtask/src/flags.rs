@@ -26,9 +26,10 @@ pub enum Task {
     /// Build the layers (unless --no-build), then run the workspace tests and
     /// the acceptance tests of every built layer.
     Test(TestArgs),
-    /// Compile PHP for x86_64 and arm64, one after the other, and write the
-    /// measured times and the layer sizes to BENCHMARKS.md (about 15
-    /// minutes on 2 cores).
+    /// Measure the compile of PHP for x86_64 and arm64, the runtimes, the
+    /// build pipeline and publishing, and write the figures with the layer
+    /// sizes to BENCHMARKS.md. The compile alone takes about 11 minutes on 2
+    /// cores; --only picks parts.
     Bench(BenchArgs),
     /// Publish the zips in the output directory as Lambda layer versions in
     /// several regions, in parallel, and record the versions in layers.json.
@@ -39,7 +40,8 @@ pub enum Task {
 #[derive(Args, Debug, Clone)]
 pub struct BuildLayersArgs {
     /// PHP version to build, as major.minor (a file layers/php/<VERSION>.toml).
-    /// Repeat the flag for several. [default: every version under layers/php/]
+    /// Repeat the flag for several. [default: the versions whose file sets
+    /// build_by_default = true]
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Vec<PhpMinor>,
 
@@ -128,7 +130,8 @@ pub struct TestArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// PHP version to compile, as major.minor. [default: the newest under layers/php/]
+    /// PHP version to compile, as major.minor. [default: the newest of the
+    /// versions whose file sets build_by_default = true]
     #[arg(long = "php", value_name = "VERSION")]
     pub php: Option<PhpMinor>,
 

@@ -23,6 +23,14 @@ pub enum Stage {
     Layers,
 }
 
+impl std::fmt::Display for Stage {
+    /// Writes the stage as the flags spell it, such as `php`.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.to_possible_value().expect("every stage is a flag value");
+        formatter.write_str(value.get_name())
+    }
+}
+
 /// Version of the layer stage's own logic. Change it when a change to the
 /// closure, assembly or zip code changes what a layer contains, so that
 /// layers built by the older code are not reused.
