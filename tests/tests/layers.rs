@@ -441,6 +441,80 @@ fn modules_parse_by_section() {
 
 #[test]
 #[ignore = "needs built layers: run `cargo xtask test`"]
+fn killed_build_leaves_no_layer_behind() {
+    use std::os::unix::process::CommandExt;
+
+    let manifest = Manifest::load();
+    let php82 = manifest.layers.iter().find(|layer| layer.name == "php-82").unwrap();
+    let cache_dir = std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)
+        .expect("LAYERS_CACHE_DIR names the build cache; run `cargo xtask test`");
+    let out_dir = tempfile::tempdir().unwrap();
+    let build = || {
+        let mut command = xtask("build-layers");
+        command
+            .args(["--arch", "x86_64", "--layer", "function", "--out-dir"])
+            .arg(out_dir.path())
+            .arg("--cache-dir")
+            .arg(&cache_dir);
+        command
+    };
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(out_dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // The build runs in a process group of its own (`cargo run` would
+    // start xtask as a child), which is killed once the zip is being written.
+    let mut child = build()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !names().iter().any(|name| name.starts_with(".partial-")) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "build-layers ended before writing a zip"
+        );
+        assert!(Instant::now() < deadline, "no zip was started within 300 s");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let group = format!("-{}", child.id());
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill failed");
+    child.wait().unwrap();
+
+    // Nothing is left under a final name: no zip, no manifest.
+    let left = names();
+    assert!(!left.is_empty(), "the partial zip vanished");
+    assert!(left.iter().all(|name| name.starts_with(".partial-")), "{left:?}");
+
+    // The next run builds the layer again and removes the partial file.
+    let output = build().output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("removed 1 partial file that an interrupted run left"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("layer php-82: cached"), "{stderr}");
+    assert_eq!(names(), ["manifest.json", "php-82.zip"]);
+    assert!(
+        fs::read(out_dir.path().join("php-82.zip")).unwrap() == fs::read(php82.zip_path()).unwrap(),
+        "the rebuilt zip differs from dist/php-82.zip"
+    );
+}
+
+#[test]
+#[ignore = "needs built layers: run `cargo xtask test`"]
 fn rebuilt_zips_are_identical() {
     let manifest = Manifest::load();
     let cache_dir = std::env::var_os(layer_tests::manifest::CACHE_DIR_VAR)

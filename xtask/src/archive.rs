@@ -53,6 +53,30 @@ pub struct ZipSummary {
 /// Deflate level: the smallest output, as the layers are uploaded many times.
 const COMPRESSION_LEVEL: i64 = 9;
 
+/// Start of the names of the files written before they are renamed into
+/// place. A run that is killed leaves its file under such a name, never
+/// under the final one, and [`remove_partial_files`] removes it later.
+pub const PARTIAL_PREFIX: &str = ".partial-";
+
+/// Creates a temporary file named with [`PARTIAL_PREFIX`] in `dir`.
+pub fn partial_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(PARTIAL_PREFIX).tempfile_in(dir)
+}
+
+/// Removes the files that killed runs left in `dir` (named with
+/// [`PARTIAL_PREFIX`]) and returns how many there were.
+pub fn remove_partial_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).with_context(|| format!("failed to list {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path()).with_context(|| format!("failed to remove {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `entries` to the zip at `path`, atomically: a failure leaves no
 /// partial file at `path`.
 pub fn write_zip(entries: &[Entry], path: &Path) -> Result<ZipSummary> {
@@ -66,7 +90,7 @@ pub fn write_zip(entries: &[Entry], path: &Path) -> Result<ZipSummary> {
 
     let dir = path.parent().context("zip path has no parent directory")?;
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let temporary = tempfile::NamedTempFile::new_in(dir)?;
+    let temporary = partial_file_in(dir)?;
     let mut writer = ZipWriter::new(BufWriter::new(temporary.reopen()?));
     let base = SimpleFileOptions::default()
         .last_modified_time(DateTime::default())
@@ -172,6 +196,26 @@ mod tests {
                 mode: 0o644,
             },
         ]
+    }
+
+    #[test]
+    fn partial_files_are_removed_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept_partial = partial_file_in(dir.path()).unwrap().into_temp_path().keep().unwrap();
+        fs::write(dir.path().join("php-82.zip"), b"zip").unwrap();
+        fs::write(dir.path().join("partial-notes.txt"), b"notes").unwrap();
+        fs::create_dir(dir.path().join(".partial-directory")).unwrap();
+
+        let removed = remove_partial_files(dir.path()).unwrap();
+
+        assert_eq!(removed, 1);
+        assert!(!kept_partial.exists());
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".partial-directory", "partial-notes.txt", "php-82.zip"]);
     }
 
     #[test]

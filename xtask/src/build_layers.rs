@@ -229,6 +229,17 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
         return Ok(Built::default());
     }
 
+    if !plan.stops_before(Stage::Layers) {
+        let removed = archive::remove_partial_files(&plan.out_dir)?;
+        if removed > 0 {
+            let files = if removed == 1 { "file" } else { "files" };
+            eprintln!(
+                "build-layers: removed {removed} partial {files} that an interrupted run left in {}",
+                plan.out_dir.display()
+            );
+        }
+    }
+
     let mut built = Built::default();
     let mut failures = Vec::new();
     for &arch in &plan.arches {
@@ -672,7 +683,7 @@ fn read_manifest(out_dir: &Path) -> Manifest {
 fn save_manifest(out_dir: &Path, manifest: &Manifest) -> Result<()> {
     let path = out_dir.join(MANIFEST_NAME);
     let text = serde_json::to_string_pretty(manifest)? + "\n";
-    let temporary = tempfile::NamedTempFile::new_in(out_dir)?;
+    let temporary = archive::partial_file_in(out_dir)?;
     fs::write(temporary.path(), text)?;
     archive::make_world_readable(temporary.path())?;
     temporary
