@@ -253,8 +253,8 @@ pub fn render(figures: &BuildFigures) -> String {
          bwrap, its start-up included): {:.0}x faster\n",
         figures.closure_files,
         figures.closure_libraries,
-        figures.threads,
         figures.closure.as_secs_f64() * 1000.0,
+        figures.threads,
         figures.ldd.as_secs_f64() * 1000.0,
         figures.ldd.as_secs_f64() / figures.closure.as_secs_f64()
     );
@@ -315,6 +315,8 @@ mod tests {
         });
         assert!(page.contains("0.30 s"), "{page}");
         assert!(page.contains("40x faster"), "{page}");
+        assert!(page.contains("10.0 ms with goblin and rayon on 2 threads"), "{page}");
+        assert!(page.contains("deflates the files on 2 threads"), "{page}");
         assert!(
             page.contains("| php-82 | 1.00 s | 4.00 s | 0.25 | 90 | 100 | 0.900 |"),
             "{page}"
