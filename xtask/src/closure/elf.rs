@@ -667,19 +667,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn read_object_matches_parse_object() {
-        let sysroot = Sysroot::new();
-        let library = sysroot.library(
-            "/usr/lib/libread.so.1",
-            "libread.so.1",
+    /// Builds a library in /usr/lib of `sysroot` that calls libm's hypot and
+    /// has the DT_RPATH /opt/lib.
+    fn hypot_library_with_rpath(sysroot: &Sysroot, soname: &str) -> PathBuf {
+        sysroot.library(
+            &format!("/usr/lib/{soname}"),
+            soname,
             fixtures::HYPOT_SOURCE,
             &[
                 "-lm".to_owned(),
                 "-Wl,--disable-new-dtags".to_owned(),
                 "-Wl,-rpath,/opt/lib".to_owned(),
             ],
-        );
+        )
+    }
+
+    #[test]
+    fn read_object_matches_parse_object() {
+        let sysroot = Sysroot::new();
+        let library = hypot_library_with_rpath(&sysroot, "libread.so.1");
         let bytes = std::fs::read(&library).unwrap();
         assert!(
             bytes.len() as u64 > FILE_START_BYTES,
@@ -699,12 +705,7 @@ mod tests {
     #[test]
     fn read_object_finds_symbols_of_reported_needs_only() {
         let sysroot = Sysroot::new();
-        let library = sysroot.library(
-            "/usr/lib/libm2.so.1",
-            "libm2.so.1",
-            fixtures::HYPOT_SOURCE,
-            &["-lm".to_owned()],
-        );
+        let library = hypot_library_with_rpath(&sysroot, "libm2.so.1");
         let file = File::open(&library).unwrap();
 
         let all = read_object(&file, &|_| true).unwrap();
@@ -776,16 +777,7 @@ mod tests {
     #[test]
     fn parse_survives_every_truncation_and_corruption() {
         let sysroot = Sysroot::new();
-        let library = sysroot.library(
-            "/usr/lib/libfuzz.so.1",
-            "libfuzz.so.1",
-            fixtures::HYPOT_SOURCE,
-            &[
-                "-lm".to_owned(),
-                "-Wl,--disable-new-dtags".to_owned(),
-                "-Wl,-rpath,/opt/lib".to_owned(),
-            ],
-        );
+        let library = hypot_library_with_rpath(&sysroot, "libfuzz.so.1");
         let bytes = std::fs::read(library).unwrap();
 
         // Every prefix length up to the end of the headers, then a coarser step.

@@ -302,6 +302,11 @@ mod tests {
         values.iter().map(PathBuf::from).collect()
     }
 
+    /// Looks up `name` for /php in `dirs` with a new cache.
+    fn find(sysroot: &Sysroot, name: &str, dirs: &[PathBuf]) -> LookupResult {
+        find_library(sysroot.path(), &SearchCache::default(), name, dirs, Path::new("/php"))
+    }
+
     #[test]
     fn expand_replaces_origin_forms() {
         let (dirs, problems) = expand_search_path(
@@ -395,13 +400,7 @@ mod tests {
         sysroot.write("/opt/lib/libz.so.1", b"first");
         let dirs = paths(&["/missing", "/opt/lib", "/usr/lib"]);
 
-        let result = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "libz.so.1",
-            &dirs,
-            Path::new("/php"),
-        );
+        let result = find(&sysroot, "libz.so.1", &dirs);
 
         assert_eq!(
             result,
@@ -419,13 +418,7 @@ mod tests {
         fs::create_dir_all(sysroot.host("/opt/lib/libz.so.1")).unwrap();
         sysroot.write("/usr/lib/libz.so.1", b"library");
 
-        let result = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "libz.so.1",
-            &paths(&["/opt/lib", "/usr/lib"]),
-            Path::new("/php"),
-        );
+        let result = find(&sysroot, "libz.so.1", &paths(&["/opt/lib", "/usr/lib"]));
 
         let LookupResult::Found(found) = result else {
             panic!("not found: {result:?}");
@@ -444,13 +437,7 @@ mod tests {
         sysroot.write("/opt/lib/libz.so.1", b"library");
 
         let second = find_library(sysroot.path(), &cache, "libz.so.1", &dirs, Path::new("/php-fpm"));
-        let fresh = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "libz.so.1",
-            &dirs,
-            Path::new("/php"),
-        );
+        let fresh = find(&sysroot, "libz.so.1", &dirs);
 
         assert_eq!(second, first);
         let LookupResult::Found(found) = fresh else {
@@ -464,13 +451,7 @@ mod tests {
         let sysroot = Sysroot::new();
         let dirs = paths(&["/opt/lib", "/usr/lib"]);
 
-        let result = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "libz.so.1",
-            &dirs,
-            Path::new("/php"),
-        );
+        let result = find(&sysroot, "libz.so.1", &dirs);
 
         assert_eq!(result, LookupResult::NotFound { searched: dirs });
     }
@@ -480,13 +461,7 @@ mod tests {
         let sysroot = Sysroot::new();
         sysroot.symlink("/opt/lib", "/opt/lib");
 
-        let result = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "libz.so.1",
-            &paths(&["/opt/lib"]),
-            Path::new("/php"),
-        );
+        let result = find(&sysroot, "libz.so.1", &paths(&["/opt/lib"]));
 
         let LookupResult::Failed(problem) = result else {
             panic!("expected a failure: {result:?}");
@@ -501,13 +476,7 @@ mod tests {
         let sysroot = Sysroot::new();
         sysroot.write("/opt/vendor/libv.so", b"library");
 
-        let result = find_library(
-            sysroot.path(),
-            &SearchCache::default(),
-            "/opt/vendor/libv.so",
-            &paths(&["/usr/lib"]),
-            Path::new("/php"),
-        );
+        let result = find(&sysroot, "/opt/vendor/libv.so", &paths(&["/usr/lib"]));
 
         let LookupResult::Found(found) = result else {
             panic!("not found: {result:?}");
