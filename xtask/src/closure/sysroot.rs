@@ -272,6 +272,40 @@ mod tests {
     }
 
     #[test]
+    fn path_in_dir_matches_full_resolution() {
+        let sysroot = sysroot_with_lib_dir();
+        fs::create_dir_all(sysroot.path().join("opt/lib")).unwrap();
+        symlink(
+            "../../usr/lib/libfoo.so.1.0",
+            sysroot.path().join("opt/lib/libfoo.so.1"),
+        )
+        .unwrap();
+        symlink("/usr/lib", sysroot.path().join("opt/lib/sub")).unwrap();
+
+        let file = real_path_in_dir(sysroot.path(), Path::new("/opt/lib"), "libfoo.so.1").unwrap();
+        let dir = real_path_in_dir(sysroot.path(), Path::new("/opt/lib"), "sub").unwrap();
+        let missing = real_path_in_dir(sysroot.path(), Path::new("/opt/lib"), "libbar.so.1").unwrap();
+
+        let full = real_inner_path(sysroot.path(), Path::new("/opt/lib/libfoo.so.1")).unwrap();
+        assert_eq!(file.as_ref().map(|real| real.inner_path.clone()), full);
+        assert_eq!(
+            file,
+            Some(RealPath {
+                inner_path: PathBuf::from("/usr/lib/libfoo.so.1.0"),
+                is_file: true
+            })
+        );
+        assert_eq!(
+            dir,
+            Some(RealPath {
+                inner_path: PathBuf::from("/usr/lib"),
+                is_file: false
+            })
+        );
+        assert_eq!(missing, None);
+    }
+
+    #[test]
     fn host_path_joins_inner_path_to_sysroot() {
         let host = host_path(Path::new("/tmp/sysroot"), Path::new("/opt/lib/libz.so.1"));
 
