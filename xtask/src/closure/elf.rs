@@ -74,9 +74,8 @@ pub fn parse_object(bytes: &[u8]) -> Result<ElfObject, String> {
     })
 }
 
-/// Reads and parses the ELF object in `file`, as [`parse_object`] does, but
-/// looks for the first symbol only of the needs whose version name
-/// `reported` accepts: those a report may show.
+/// Reads and parses the ELF object in `file`. Only the needs whose version
+/// name `reported` accepts, those a report may show, get their first symbol.
 ///
 /// Only the parts the closure needs are read, with `pread`: the headers, the
 /// dynamic section and the dynamic symbol, string and version tables. Mapping
@@ -506,8 +505,12 @@ pub fn glibc_release(version_name: &str) -> Option<GlibcRelease> {
 /// Returns whether the version name `version_name` is a glibc release above
 /// `policy.glibc_max`, which [`check_object`] reports.
 pub fn above_glibc_max(version_name: &str, policy: &TargetPolicy) -> bool {
-    let max = (policy.glibc_max.major, policy.glibc_max.minor, 0);
-    glibc_release(version_name).is_some_and(|release| release > max)
+    glibc_release(version_name).is_some_and(|release| release > glibc_ceiling(policy))
+}
+
+/// Returns `policy.glibc_max` as a release, patch 0.
+fn glibc_ceiling(policy: &TargetPolicy) -> GlibcRelease {
+    (policy.glibc_max.major, policy.glibc_max.minor, 0)
 }
 
 /// Checks one object against the policy and returns its problems.
@@ -550,8 +553,8 @@ fn check_glibc_versions(file: &Path, object: &ElfObject, policy: &TargetPolicy) 
     let too_new = object
         .version_needs
         .iter()
-        .filter(|need| above_glibc_max(&need.version, policy))
-        .filter_map(|need| Some((glibc_release(&need.version)?, need)));
+        .filter_map(|need| Some((glibc_release(&need.version)?, need)))
+        .filter(|(release, _)| *release > glibc_ceiling(policy));
 
     // Highest release first. Among needs of the same release, the first
     // library by name wins, so that the message does not depend on section order.
