@@ -11,6 +11,7 @@
 pub mod fastcgi;
 pub mod fault_proxy;
 pub mod manifest;
+pub mod moto;
 pub mod runtime_api;
 pub mod sandbox;
 pub mod server_thread;

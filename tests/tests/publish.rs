@@ -8,11 +8,9 @@
 
 use std::env;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -20,108 +18,62 @@ use sha2::{Digest, Sha256};
 
 use layer_tests::fault_proxy::{Fault, FaultProxy, Match, Record, Rule};
 use layer_tests::manifest::xtask;
+use layer_tests::moto::Moto;
 
 /// The secret key the task is given: it must never appear in its output.
 const SECRET_KEY: &str = "tEsTsEcReT0123456789abcdefNeverPrinted";
 const ACCESS_KEY: &str = "AKIATESTNEVERPRINTED";
 
-/// moto_server on a free port of 127.0.0.1, stopped on drop.
-struct Moto {
-    child: Child,
-    address: SocketAddr,
+/// Starts the moto_server that `cargo xtask test` names.
+fn start_moto() -> Moto {
+    let program = env::var_os("LAYERS_MOTO_SERVER").expect("LAYERS_MOTO_SERVER is not set: run `cargo xtask test`");
+    Moto::start(Path::new(&program)).unwrap()
 }
 
-impl Moto {
-    fn start() -> Moto {
-        let program = env::var("LAYERS_MOTO_SERVER").expect("LAYERS_MOTO_SERVER is not set: run `cargo xtask test`");
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start moto_server");
-        let address = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(address).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, address }
-    }
+/// Publishes a version of `layer` in `region` straight to moto, as another
+/// tool would, and returns its number.
+fn publish_directly(moto: &Moto, region: &str, layer: &str, zip: &[u8], description: &str) -> i64 {
+    let body = json!({
+        "Content": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
+        "Description": description,
+    })
+    .to_string();
+    let (status, version) = moto
+        .request(region, "POST", &format!("/2018-10-31/layers/{layer}/versions"), &body)
+        .unwrap();
+    assert_eq!(status, 201, "{version}");
+    version["Version"].as_i64().unwrap_or_else(|| panic!("{version}"))
+}
 
-    /// GETs a path of the Lambda API in `region`. moto does not check
-    /// signatures, but reads the region from the Authorization header.
-    fn get(&self, region: &str, path: &str) -> (u16, Value) {
-        let mut stream = TcpStream::connect(self.address).unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20261205/{region}/lambda/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let status = response[9..12].parse().unwrap();
-        let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
-    }
-
-    /// Publishes a version of `layer` in `region` directly, as another tool
-    /// would, and returns its number.
-    fn publish_directly(&self, region: &str, layer: &str, zip: &[u8], description: &str) -> i64 {
-        let body = json!({
-            "Content": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
-            "Description": description,
+/// Returns the versions of `layer` in `region`, with their CodeSha256.
+fn versions(moto: &Moto, region: &str, layer: &str) -> Vec<(i64, String)> {
+    let (status, list) = moto
+        .get(region, &format!("/2018-10-31/layers/{layer}/versions"))
+        .unwrap();
+    assert_eq!(status, 200, "{list}");
+    list["LayerVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|version| {
+            (
+                version["Version"].as_i64().unwrap(),
+                version["Content"]["CodeSha256"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
         })
-        .to_string();
-        let mut stream = TcpStream::connect(self.address).unwrap();
-        let request = format!(
-            "POST /2018-10-31/layers/{layer}/versions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20261205/{region}/lambda/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-        let version: Value = serde_json::from_str(body).unwrap_or_else(|error| panic!("{error}: {response}"));
-        version["Version"].as_i64().unwrap_or_else(|| panic!("{response}"))
-    }
-
-    /// Returns the versions of `layer` in `region`, with their CodeSha256.
-    fn versions(&self, region: &str, layer: &str) -> Vec<(i64, String)> {
-        let (status, list) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions"));
-        assert_eq!(status, 200, "{list}");
-        list["LayerVersions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|version| {
-                (
-                    version["Version"].as_i64().unwrap(),
-                    version["Content"]["CodeSha256"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                )
-            })
-            .collect()
-    }
-
-    /// Whether version `version` of `layer` has the public read statement.
-    fn is_public(&self, region: &str, layer: &str, version: i64) -> bool {
-        let (status, policy) = self.get(region, &format!("/2018-10-31/layers/{layer}/versions/{version}/policy"));
-        let statement = policy["Policy"].as_str().unwrap_or_default();
-        status == 200 && statement.contains("lambda:GetLayerVersion") && statement.contains("\"*\"")
-    }
+        .collect()
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether version `version` of `layer` has the public read statement.
+fn is_public(moto: &Moto, region: &str, layer: &str, version: i64) -> bool {
+    let (status, policy) = moto
+        .get(region, &format!("/2018-10-31/layers/{layer}/versions/{version}/policy"))
+        .unwrap();
+    let statement = policy["Policy"].as_str().unwrap_or_default();
+    status == 200 && statement.contains("lambda:GetLayerVersion") && statement.contains("\"*\"")
 }
 
 /// A layer of the test output directory.
@@ -269,8 +221,8 @@ fn writes(records: &[Record]) -> Vec<String> {
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_is_idempotent_across_regions() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     write_dist(dist.path(), &two_layers("first"), true);
     let regions = ["--regions", "us-east-1,eu-west-3"];
@@ -298,8 +250,8 @@ fn publish_is_idempotent_across_regions() {
     );
     for region in ["us-east-1", "eu-west-3"] {
         for layer in two_layers("first") {
-            assert_eq!(moto.versions(region, layer.name), [(1, layer.code_sha256())]);
-            assert!(moto.is_public(region, layer.name, 1), "{} in {region}", layer.name);
+            assert_eq!(versions(&moto, region, layer.name), [(1, layer.code_sha256())]);
+            assert!(is_public(&moto, region, layer.name, 1), "{} in {region}", layer.name);
         }
     }
 
@@ -334,14 +286,14 @@ fn publish_is_idempotent_across_regions() {
         table["arm-php-82"]["us-east-1"], 1,
         "a layer not selected keeps its entry"
     );
-    assert!(moto.is_public("us-east-1", "php-82", 2));
+    assert!(is_public(&moto, "us-east-1", "php-82", 2));
 }
 
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_survives_injected_faults() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     let layers = two_layers("faults");
     write_dist(dist.path(), &layers, true);
@@ -439,7 +391,7 @@ fn publish_survives_injected_faults() {
     for region in good {
         for layer in &layers {
             assert_eq!(
-                moto.versions(region, layer.name),
+                versions(&moto, region, layer.name),
                 [(1, layer.code_sha256())],
                 "{} in {region}:\n{}",
                 layer.name,
@@ -487,11 +439,11 @@ fn publish_survives_injected_faults() {
     let table = self::table(dist.path());
     assert_eq!(table["php-82"].as_object().unwrap().len(), 3, "{table}");
     assert!(table["arm-php-82"].get("ap-south-1").is_none(), "{table}");
-    assert!(!moto.is_public("ap-south-1", "arm-php-82", 1));
+    assert!(!is_public(&moto, "ap-south-1", "arm-php-82", 1));
 
     // Without faults, a second run publishes nothing new and finishes the
     // permission the first run could not add.
-    let proxy_again = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let proxy_again = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let second = publish(
         &proxy_again.endpoint(),
         dist.path(),
@@ -513,10 +465,10 @@ fn publish_survives_injected_faults() {
         writes(&proxy_again.requests()),
         ["POST /2018-10-31/layers/arm-php-82/versions/1/policy"]
     );
-    assert!(moto.is_public("ap-south-1", "arm-php-82", 1));
+    assert!(is_public(&moto, "ap-south-1", "arm-php-82", 1));
     for region in good {
         for layer in &layers {
-            assert_eq!(moto.versions(region, layer.name).len(), 1);
+            assert_eq!(versions(&moto, region, layer.name).len(), 1);
         }
     }
 }
@@ -524,8 +476,8 @@ fn publish_survives_injected_faults() {
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_rejects_untested_zips() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     write_dist(dist.path(), &two_layers("untested"), false);
     let output = publish(&proxy.endpoint(), dist.path(), &["--regions", "us-east-1"]);
@@ -551,9 +503,9 @@ fn publish_rejects_untested_zips() {
         ],
     );
     assert!(skipped.status.success(), "{}", text(&skipped));
-    assert_eq!(moto.versions("us-east-1", "acme-php-82").len(), 1);
+    assert_eq!(versions(&moto, "us-east-1", "acme-php-82").len(), 1);
     assert!(
-        !moto.is_public("us-east-1", "acme-php-82", 1),
+        !is_public(&moto, "us-east-1", "acme-php-82", 1),
         "--private made it public"
     );
     assert!(
@@ -575,14 +527,14 @@ fn publish_rejects_untested_zips() {
     );
     assert!(public.status.success(), "{}", text(&public));
     assert!(summary_line(&public, "acme-php-82", "us-east-1").contains("up to date (version 1)"));
-    assert!(moto.is_public("us-east-1", "acme-php-82", 1));
+    assert!(is_public(&moto, "us-east-1", "acme-php-82", 1));
 }
 
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_checks_content_of_unrecorded_versions() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     let layers = two_layers("checked");
     write_dist(dist.path(), &layers, true);
@@ -593,7 +545,7 @@ fn publish_checks_content_of_unrecorded_versions() {
         layers[0].code_sha256()
     );
     assert_eq!(
-        moto.publish_directly("us-east-1", "php-82", b"other bytes", &description),
+        publish_directly(&moto, "us-east-1", "php-82", b"other bytes", &description),
         1
     );
     let output = publish(
@@ -603,9 +555,9 @@ fn publish_checks_content_of_unrecorded_versions() {
     );
     assert!(output.status.success(), "{}", text(&output));
     assert!(summary_line(&output, "php-82", "us-east-1").contains("published (version 2)"));
-    assert_eq!(moto.versions("us-east-1", "php-82")[0], (2, layers[0].code_sha256()));
+    assert_eq!(versions(&moto, "us-east-1", "php-82")[0], (2, layers[0].code_sha256()));
     assert!(
-        !moto.is_public("us-east-1", "php-82", 1),
+        !is_public(&moto, "us-east-1", "php-82", 1),
         "the wrong version was made public"
     );
 
@@ -641,8 +593,8 @@ fn publish_checks_content_of_unrecorded_versions() {
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_uploads_large_zips_through_s3() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     // Over 50 MB, and not all one byte.
     let bytes: Vec<u8> = (0..51 * 1024 * 1024u32)
@@ -683,7 +635,7 @@ fn publish_uploads_large_zips_through_s3() {
     let output = publish(&proxy.endpoint(), dist.path(), &args);
     assert!(output.status.success(), "{}", text(&output));
     for region in ["eu-west-3", "us-east-1"] {
-        assert_eq!(moto.versions(region, "php-82-fpm"), [(1, layer.code_sha256())]);
+        assert_eq!(versions(&moto, region, "php-82-fpm"), [(1, layer.code_sha256())]);
     }
     let requests = proxy.requests();
     let created: Vec<&Record> = requests
@@ -705,8 +657,8 @@ fn publish_uploads_large_zips_through_s3() {
 #[test]
 #[ignore = "needs moto: run `cargo xtask test`"]
 fn publish_draws_bars_on_a_terminal() {
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.address, Duration::ZERO).unwrap();
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
     let dist = tempfile::tempdir().unwrap();
     write_dist(dist.path(), &two_layers("terminal"), true);
     let program = env::var(layer_tests::manifest::XTASK_VAR).expect("LAYERS_XTASK is not set: run `cargo xtask test`");
