@@ -410,6 +410,7 @@ fn build_cell(context: &CellContext, php: PhpMinor, jobs: usize, built: &mut Bui
         let inputs_key = stage::layer_key(&stage::LayerInputs {
             layers_dir: &project.join("layers"),
             runtime_dir: &project.join("runtime"),
+            runtime_files: &definitions.runtime_files(kind),
             build_name: &stage::identity(&build.dir)?,
             root_name: &stage::identity(&root.path)?,
             kind: kind.name(),

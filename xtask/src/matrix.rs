@@ -382,6 +382,19 @@ impl Definitions {
             .expect("check() ensures every kind is declared")
     }
 
+    /// Returns the paths under `runtime/` of the files that layers of
+    /// `kind` ship, in the order of kinds.toml.
+    pub fn runtime_files(&self, kind: LayerKind) -> Vec<&Path> {
+        self.files
+            .iter()
+            .filter(|file| file.belongs_to(kind))
+            .filter_map(|file| match &file.source {
+                FileSource::Runtime(path) => Some(path.as_path()),
+                FileSource::BuildRoot(_) => None,
+            })
+            .collect()
+    }
+
     /// Returns the target of `arch`.
     pub fn target(&self, arch: Arch) -> &Target {
         &self.targets[&arch]

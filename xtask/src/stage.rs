@@ -42,6 +42,9 @@ pub struct LayerInputs<'a> {
     pub layers_dir: &'a Path,
     /// The `runtime/` directory: bootstraps, runtimes, ini files.
     pub runtime_dir: &'a Path,
+    /// Paths under `runtime_dir` of the files that the layer ships. Other
+    /// files there, such as its README, are not inputs.
+    pub runtime_files: &'a [&'a Path],
     /// Identity of the compiled PHP: see [`identity`].
     pub build_name: &'a str,
     /// Identity of the build root: see [`identity`].
@@ -89,7 +92,15 @@ pub fn layer_key(inputs: &LayerInputs) -> Result<String> {
         hash_tree(&mut hasher, inputs.layers_dir, Path::new(file))?;
     }
     hash_tree(&mut hasher, inputs.layers_dir, Path::new("targets"))?;
-    hash_tree(&mut hasher, inputs.runtime_dir, Path::new(""))?;
+    for file in inputs.runtime_files {
+        if inputs.runtime_dir.join(file).exists() {
+            hash_tree(&mut hasher, inputs.runtime_dir, file)?;
+        } else {
+            // The assembly fails on a missing file and names it.
+            hasher.update(file.as_os_str().as_encoded_bytes());
+            hasher.update(b"\0missing\0");
+        }
+    }
     Ok(crate::sources::hex(&hasher.finalize()[..8]))
 }
 
@@ -124,6 +135,7 @@ fn hash_tree(hasher: &mut Sha256, base: &Path, relative: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flags::LayerKind;
 
     /// Copies `from` into `to`, files and directories only.
     fn copy_tree(from: &Path, to: &Path) {
@@ -167,9 +179,13 @@ mod tests {
         let (layers, runtime) = (work.path().join("layers"), work.path().join("runtime"));
         copy_tree(&project.join("layers"), &layers);
         copy_tree(&project.join("runtime"), &runtime);
+        let definitions = crate::matrix::Definitions::load(&layers).unwrap();
+        let function_files = definitions.runtime_files(LayerKind::Function);
+        let fpm_files = definitions.runtime_files(LayerKind::Fpm);
         let inputs = LayerInputs {
             layers_dir: &layers,
             runtime_dir: &runtime,
+            runtime_files: &function_files,
             build_name: "php-8.2.32-x86_64-4f1aa6ab1208",
             root_name: "bullseye-amd64-cec0119e06d6",
             kind: "function",
@@ -189,13 +205,40 @@ mod tests {
         fs::write(&shipped, text).unwrap();
         assert_eq!(layer_key(&inputs).unwrap(), key);
 
-        let ini = runtime.join("function/layer-test.ini");
-        fs::write(&ini, "memory_limit = 256M\n").unwrap();
-        let with_ini = layer_key(&inputs).unwrap();
-        assert_ne!(with_ini, key, "a new ini file under runtime/ kept the key");
-        fs::write(&ini, "memory_limit = 512M\n").unwrap();
-        assert_ne!(layer_key(&inputs).unwrap(), with_ini, "an edited ini file kept the key");
-        fs::remove_file(&ini).unwrap();
+        // Files that the function layer does not ship are not its inputs.
+        fs::write(runtime.join("function/layer-test.ini"), "memory_limit = 256M\n").unwrap();
+        let readme = runtime.join("README.md");
+        fs::write(&readme, "edited\n").unwrap();
+        assert_eq!(
+            layer_key(&inputs).unwrap(),
+            key,
+            "a file the layer does not ship changed the key"
+        );
+        let fpm_inputs = LayerInputs {
+            runtime_files: &fpm_files,
+            kind: "fpm",
+            ..inputs
+        };
+        let fpm_key = layer_key(&fpm_inputs).unwrap();
+        let fastcgi = runtime.join("fpm/fastcgi.php");
+        let text = fs::read_to_string(&fastcgi).unwrap();
+        fs::write(&fastcgi, format!("{text}// edited\n")).unwrap();
+        assert_eq!(
+            layer_key(&inputs).unwrap(),
+            key,
+            "an fpm-only file changed the function key"
+        );
+        assert_ne!(
+            layer_key(&fpm_inputs).unwrap(),
+            fpm_key,
+            "an edited fpm runtime file kept the fpm key"
+        );
+
+        // A missing shipped file still gives a key. The assembly then fails
+        // and names the file.
+        fs::remove_file(runtime.join("function/function.php")).unwrap();
+        assert_ne!(layer_key(&inputs).unwrap(), key, "a missing shipped file kept the key");
+        copy_tree(&project.join("runtime"), &runtime);
         assert_eq!(layer_key(&inputs).unwrap(), key);
 
         let kinds = layers.join("kinds.toml");
