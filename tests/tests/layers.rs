@@ -558,6 +558,15 @@ fn rebuilt_zips_are_identical() {
         assert!(again.contains(&format!("layer {}: cached", layer.name)), "{again}");
         assert_eq!(modified(&layer.zip), *before, "{} was written again", layer.name);
     }
+    // The arm64 cross compile takes the x86_64 build made earlier in the
+    // run. Alone, arm64 takes that build from the cache and prints why.
+    assert_eq!(again.matches("compile php-8.2.32 (x86_64)").count(), 1, "{again}");
+    let alone = build(&["--arch", "arm64", "--until", "php"]);
+    assert!(
+        alone.contains("compile php-8.2.32 (arm64): the php_config.h check needs the x86_64 build"),
+        "{alone}"
+    );
+    assert!(alone.contains("compile php-8.2.32 (x86_64): cached"), "{alone}");
 
     // --force layers assembles and zips again, without compiling.
     let forced = build(&["--force", "layers", "--arch", "x86_64", "--layer", "function"]);

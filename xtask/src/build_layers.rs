@@ -244,7 +244,15 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     let mut failures = Vec::new();
     for &arch in &plan.arches {
         let mut outcome = Built::default();
-        let result = build_arch(&definitions, &plan, &mirrors, &project, host, arch, &mut outcome);
+        let result = build_arch(
+            &definitions,
+            &plan,
+            &mirrors,
+            &project,
+            (host, arch),
+            &built.compiled,
+            &mut outcome,
+        );
         // Recorded at once, even after a failure, so that the zips written
         // so far and a later interruption keep this architecture's layers
         // listed.
@@ -277,14 +285,15 @@ pub fn run(args: &BuildLayersArgs) -> Result<Built> {
     Ok(built)
 }
 
-/// Builds every selected layer of one architecture.
+/// Builds every selected layer of one architecture on the `host` machine.
+/// `earlier` contains the PHP builds of the architectures built before.
 fn build_arch(
     definitions: &Definitions,
     plan: &Plan,
     mirrors: &Mirrors,
     project: &Path,
-    host: Arch,
-    arch: Arch,
+    (host, arch): (Arch, Arch),
+    earlier: &[CompiledCell],
     built: &mut Built,
 ) -> Result<()> {
     let target = definitions.target(arch);
@@ -320,6 +329,7 @@ fn build_arch(
                     arch,
                     root: &root,
                     previous: &previous,
+                    compiled: earlier,
                 };
                 let result = build_cell(&cell_context, *php, jobs, &mut cell);
                 lock(&results).push((*php, cell, result));
@@ -362,6 +372,9 @@ struct CellContext<'a> {
     root: &'a build_root::BuildRoot,
     /// The manifest before this run, for the layers kept.
     previous: &'a Manifest,
+    /// The PHP builds made earlier in this run, which a cross compile
+    /// takes its native build from.
+    compiled: &'a [CompiledCell],
 }
 
 /// Compiles one PHP version for the context's architecture and builds its
@@ -483,8 +496,9 @@ fn unchanged_layer(previous: &Manifest, name: &str, inputs_key: &str, out_dir: &
 }
 
 /// Returns how to compile for `target`. A cross compile needs the native
-/// build of the same release, whose php_config.h it is checked against,
-/// so that build is made (or taken from the cache) first.
+/// build of the same release, whose php_config.h it is checked against.
+/// It takes that build from this run when it was made earlier, and
+/// otherwise makes it (or takes it from the cache) first.
 fn toolchain<'a>(
     context: &CellContext<'a>,
     target: &'a Target,
@@ -492,13 +506,7 @@ fn toolchain<'a>(
     tarball: &Path,
     jobs: usize,
 ) -> Result<Toolchain<'a>> {
-    let CellContext {
-        definitions,
-        plan,
-        mirrors,
-        host,
-        ..
-    } = *context;
+    let CellContext { definitions, host, .. } = *context;
     if !target.is_cross(host) {
         return Ok(Toolchain { target, cross: None });
     }
@@ -508,32 +516,14 @@ fn toolchain<'a>(
         .as_ref()
         .with_context(|| format!("no [cross] section for {}", target.arch))?;
     let native_target = definitions.target(host);
-    eprintln!(
-        "compile php-{} ({}): the php_config.h check needs the {host} build, which comes first",
-        release.version, target.arch
-    );
-    let native_recipe = RootRecipe::new(&definitions.build_root, native_target, host)?;
-    let native_root = build_root::ensure(&native_recipe, mirrors, &plan.cache_dir)
-        .with_context(|| format!("failed to prepare the {host} build root"))?;
-    let native_toolchain = Toolchain {
-        target: native_target,
-        cross: None,
+    let earlier = context
+        .compiled
+        .iter()
+        .find(|cell| cell.arch == host && cell.release == release.minor);
+    let native_build = match earlier {
+        Some(cell) => cell.build.clone(),
+        None => compile_native(context, native_target, release, tarball, jobs)?,
     };
-    let native_build = compile::compile(
-        definitions,
-        release,
-        tarball,
-        &native_root,
-        &native_toolchain,
-        &compile::CompileOptions {
-            cache_dir: &plan.cache_dir,
-            jobs,
-            // Built earlier in this run when x86_64 is selected, so never forced.
-            force: false,
-        },
-    )
-    .with_context(|| format!("failed to compile PHP {} for {host}", release.version))?;
-
     Ok(Toolchain {
         target,
         cross: Some(Cross {
@@ -542,6 +532,52 @@ fn toolchain<'a>(
             native_header: native_build.php_config_h(),
         }),
     })
+}
+
+/// Compiles PHP for the build machine (or takes it from the cache), for a
+/// cross compile of a run that did not select the build machine's
+/// architecture.
+fn compile_native(
+    context: &CellContext,
+    native_target: &Target,
+    release: &PhpRelease,
+    tarball: &Path,
+    jobs: usize,
+) -> Result<compile::PhpBuild> {
+    let CellContext {
+        definitions,
+        plan,
+        mirrors,
+        host,
+        arch,
+        ..
+    } = *context;
+    eprintln!(
+        "compile php-{} ({arch}): the php_config.h check needs the {host} build, which comes first",
+        release.version
+    );
+    let native_recipe = RootRecipe::new(&definitions.build_root, native_target, host)?;
+    let native_root = build_root::ensure(&native_recipe, mirrors, &plan.cache_dir)
+        .with_context(|| format!("failed to prepare the {host} build root"))?;
+    let native_toolchain = Toolchain {
+        target: native_target,
+        cross: None,
+    };
+    compile::compile(
+        definitions,
+        release,
+        tarball,
+        &native_root,
+        &native_toolchain,
+        &compile::CompileOptions {
+            cache_dir: &plan.cache_dir,
+            jobs,
+            // NOTE: `--force php` with `--arch arm64` alone does not rebuild
+            // this build (documented in `--help`).
+            force: false,
+        },
+    )
+    .with_context(|| format!("failed to compile PHP {} for {host}", release.version))
 }
 
 fn plan(args: &BuildLayersArgs, definitions: &Definitions, project: &Path) -> Result<Plan> {
