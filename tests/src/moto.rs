@@ -6,10 +6,11 @@
 //! here carry such a header with a dummy signature, so a test can read
 //! what the task published in each region without an AWS SDK.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -18,49 +19,53 @@ use serde_json::Value;
 /// Maximum time moto_server may take to listen after its start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A moto_server process on a free port of 127.0.0.1, killed on drop.
+/// A moto_server process on a port of 127.0.0.1, killed on drop.
 pub struct Moto {
     child: Child,
     address: SocketAddr,
 }
 
 impl Moto {
-    /// Starts `program`, a moto_server, on a free port of 127.0.0.1 and
-    /// waits until it accepts connections.
+    /// Starts `program`, a moto_server, on a port of 127.0.0.1 that the
+    /// system chooses, and waits until it listens.
     pub fn start(program: &Path) -> Result<Moto> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .context("failed to find a free port of 127.0.0.1 for moto_server")?
-            .port();
-        let child = Command::new(program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut child = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("failed to start {}", program.display()))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
         // From here on, dropping `moto` kills the process.
         let mut moto = Moto {
             child,
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect(moto.address).is_err() {
-            if let Some(status) = moto.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} before it listened on {}",
-                    program.display(),
-                    moto.address
-                );
+        // Werkzeug prints " * Running on http://127.0.0.1:PORT" once it
+        // listens, then a line per request: the thread reads them all, so
+        // that moto never blocks on a full pipe.
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split_once("Running on http://127.0.0.1:")
+                    .and_then(|(_, port)| port.trim().parse::<u16>().ok())
+                {
+                    let _ = sender.send(port);
+                }
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not listen on {} within {} s",
-                    program.display(),
-                    moto.address,
-                    START_TIMEOUT.as_secs()
-                );
+        });
+        match receiver.recv_timeout(START_TIMEOUT) {
+            Ok(port) => moto.address.set_port(port),
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = moto.child.wait()?;
+                bail!("{} exited with {status} before it listened", program.display());
             }
-            std::thread::sleep(Duration::from_millis(100));
+            Err(RecvTimeoutError::Timeout) => bail!(
+                "{} did not listen within {} s",
+                program.display(),
+                START_TIMEOUT.as_secs()
+            ),
         }
         Ok(moto)
     }
@@ -103,18 +108,37 @@ impl Moto {
     }
 
     /// Lists the layers of each region once, so that moto creates each
-    /// region's Lambda backend now. On this machine that took about 13 ms
-    /// per region, and 200 ms for moto's first request. AWS regions have no
-    /// such cost, so a timed run should not include it.
-    pub fn warm_up<'a>(&self, regions: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    /// region's Lambda backend now, and returns the time of each request.
+    /// AWS regions have no such set-up, so a timed run should not include
+    /// it.
+    pub fn warm_up<'a>(&self, regions: impl IntoIterator<Item = &'a str>) -> Result<Vec<Duration>> {
+        let mut times = Vec::new();
         for region in regions {
+            let started = Instant::now();
             let (status, body) = self.get(region, "/2018-10-31/layers")?;
             if status != 200 {
                 bail!("moto returned status {status} for the layer list of {region}: {body}");
             }
+            times.push(started.elapsed());
         }
-        Ok(())
+        Ok(times)
     }
+}
+
+/// Removes every `AWS_*` variable of this process (credentials, profile,
+/// region, endpoints) from `command`'s environment, and points it away from
+/// the user's AWS files and the instance metadata service, so that only
+/// what the caller sets reaches the program.
+pub fn without_aws_configuration(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("AWS_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
 }
 
 impl Drop for Moto {

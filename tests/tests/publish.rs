@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use layer_tests::fault_proxy::{Fault, FaultProxy, Match, Record, Rule};
 use layer_tests::manifest::xtask;
-use layer_tests::moto::Moto;
+use layer_tests::moto::{without_aws_configuration, Moto};
 
 /// The secret key the task is given: it must never appear in its output.
 const SECRET_KEY: &str = "tEsTsEcReT0123456789abcdefNeverPrinted";
@@ -131,29 +131,6 @@ fn write_dist(dir: &Path, layers: &[TestLayer], tested: bool) {
         entries.push(entry);
     }
     fs::write(dir.join("manifest.json"), json!({ "layers": entries }).to_string()).unwrap();
-}
-
-/// Removes the user's AWS settings and credentials from `command`'s
-/// environment, so that only what a test gives reaches the task.
-fn without_aws_configuration(command: &mut Command) {
-    for name in [
-        "AWS_PROFILE",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    ] {
-        command.env_remove(name);
-    }
-    command
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
 }
 
 /// The test credentials, which must never appear in the task's output.
@@ -406,7 +383,7 @@ fn publish_survives_injected_faults() {
         assert!(line.contains("opt-in region"), "{line}");
         assert!(line.contains("not enabled"), "{line}");
         let line = summary_line(&first, layer, "moon-1");
-        assert!(line.contains("unknown region moon-1"), "{line}");
+        assert!(line.contains("unknown region \"moon-1\""), "{line}");
     }
     let line = summary_line(&first, "arm-php-82", "ap-south-1");
     assert!(line.contains("failed"), "{line}");
@@ -513,6 +490,26 @@ fn publish_rejects_untested_zips() {
         "a private run wrote the table"
     );
 
+    // A dry run reports that the public run would make it public, and
+    // makes no write.
+    proxy.clear_requests();
+    let dry = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &[
+            "--regions",
+            "us-east-1",
+            "--skip-tests-check",
+            "--layer-prefix",
+            "acme-",
+            "--dry-run",
+        ],
+    );
+    assert!(dry.status.success(), "{}", text(&dry));
+    let line = summary_line(&dry, "acme-php-82", "us-east-1");
+    assert!(line.contains("up to date (version 1), would make public"), "{line}");
+    assert_eq!(writes(&proxy.requests()), Vec::<String>::new());
+
     // A public run makes the private version public without a new one.
     let public = publish(
         &proxy.endpoint(),
@@ -548,13 +545,30 @@ fn publish_checks_content_of_unrecorded_versions() {
         publish_directly(&moto, "us-east-1", "php-82", b"other bytes", &description),
         1
     );
+    // The first publish fails. The task then finds version 1, with the
+    // digest in its description, but it existed before this run, so the
+    // task publishes again.
+    proxy.add_rule(Rule::new(
+        Match::any()
+            .with_method("POST")
+            .with_path_contains("/layers/php-82/versions"),
+        Fault::Status {
+            status: 500,
+            error_type: "ServiceException".to_string(),
+            message: "injected 500".to_string(),
+            retry_after: None,
+        },
+        1,
+    ));
     let output = publish(
         &proxy.endpoint(),
         dist.path(),
         &["--regions", "us-east-1", "--arch", "x86_64"],
     );
     assert!(output.status.success(), "{}", text(&output));
-    assert!(summary_line(&output, "php-82", "us-east-1").contains("published (version 2)"));
+    let line = summary_line(&output, "php-82", "us-east-1");
+    assert!(line.contains("published (version 2)"), "{line}");
+    assert_eq!(line.split_whitespace().nth(2), Some("1"), "{line}");
     assert_eq!(versions(&moto, "us-east-1", "php-82")[0], (2, layers[0].code_sha256()));
     assert!(
         !is_public(&moto, "us-east-1", "php-82", 1),
@@ -588,6 +602,52 @@ fn publish_checks_content_of_unrecorded_versions() {
         text(&output)
     );
     assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
+}
+
+#[test]
+#[ignore = "needs moto: run `cargo xtask test`"]
+fn publish_gives_up_after_five_attempts() {
+    let moto = start_moto();
+    let proxy = FaultProxy::start(moto.address(), Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    write_dist(dist.path(), &two_layers("exhausted"), true);
+    proxy.add_rule(Rule::new(
+        Match::any()
+            .with_method("POST")
+            .with_path_contains("/layers/php-82/versions"),
+        Fault::Status {
+            status: 500,
+            error_type: "ServiceException".to_string(),
+            message: "injected 500".to_string(),
+            retry_after: None,
+        },
+        100,
+    ));
+
+    let output = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &["--regions", "us-east-1", "--arch", "x86_64"],
+    );
+    assert!(!output.status.success(), "{}", text(&output));
+    let line = summary_line(&output, "php-82", "us-east-1");
+    assert!(line.contains("(after 5 attempts)"), "{line}");
+    // Four retries follow the first attempt, with no wait after the last.
+    assert_eq!(line.split_whitespace().nth(2), Some("4"), "{line}");
+
+    let requests = proxy.requests();
+    let posts: Vec<&Record> = requests.iter().filter(|record| record.method == "POST").collect();
+    assert_eq!(posts.len(), 5, "{requests:?}");
+
+    // After the last attempt, the task looks for a version it may have
+    // made without a backoff, which would be 4 to 8 s.
+    let last = requests.last().unwrap();
+    assert_eq!(last.method, "GET", "{requests:?}");
+    assert!(
+        last.received.duration_since(posts[4].received) < Duration::from_secs(2),
+        "{requests:?}"
+    );
+    assert!(versions(&moto, "us-east-1", "php-82").is_empty());
 }
 
 #[test]
@@ -646,12 +706,50 @@ fn publish_uploads_large_zips_through_s3() {
         })
         .collect();
     assert_eq!(created.len(), 1, "{requests:?}");
+    let uploads = |requests: &[Record]| {
+        requests
+            .iter()
+            .filter(|record| record.method == "PUT" && record.path.contains(".zip"))
+            .map(|record| (record.fault.clone(), record.status))
+            .collect::<Vec<_>>()
+    };
+    // The injected 503, then one upload per region.
+    let mut seen = uploads(&requests);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (None, Some(200)),
+            (None, Some(200)),
+            (Some("status".to_string()), Some(503))
+        ],
+        "{requests:?}"
+    );
 
-    // Run again: nothing is uploaded.
+    // Run again: the versions are up to date, so nothing is written.
     proxy.clear_requests();
     let again = publish(&proxy.endpoint(), dist.path(), &args);
     assert!(again.status.success(), "{}", text(&again));
     assert_eq!(writes(&proxy.requests()), Vec::<String>::new());
+
+    // With the version gone from Lambda, the task publishes again from
+    // the object already in S3, without uploading it again.
+    let (status, body) = moto
+        .request("eu-west-3", "DELETE", "/2018-10-31/layers/php-82-fpm/versions/1", "")
+        .unwrap();
+    // Lambda returns 204, and moto returns 200.
+    assert!(matches!(status, 200 | 204), "{status} {body}");
+    assert_eq!(versions(&moto, "eu-west-3", "php-82-fpm"), []);
+    proxy.clear_requests();
+    let republished = publish(&proxy.endpoint(), dist.path(), &args);
+    assert!(republished.status.success(), "{}", text(&republished));
+    assert!(summary_line(&republished, "php-82-fpm", "eu-west-3").contains("published (version 2)"));
+    assert!(
+        String::from_utf8_lossy(&republished.stderr).contains("s3://acme-layers-eu-west-3/php-82-fpm/"),
+        "{}",
+        text(&republished)
+    );
+    assert_eq!(uploads(&proxy.requests()), [], "{:?}", proxy.requests());
 }
 
 #[test]
@@ -663,9 +761,10 @@ fn publish_draws_bars_on_a_terminal() {
     write_dist(dist.path(), &two_layers("terminal"), true);
     let program = env::var(layer_tests::manifest::XTASK_VAR).expect("LAYERS_XTASK is not set: run `cargo xtask test`");
     let command_line = format!(
-        "'{program}' publish --regions us-east-1,eu-west-3 --dry-run --endpoint-url {} --out-dir '{}'",
+        "'{program}' publish --regions us-east-1,eu-west-3 --dry-run --endpoint-url {} --out-dir '{dir}' \
+         --table '{dir}/layers.json'",
         proxy.endpoint(),
-        dist.path().display()
+        dir = dist.path().display()
     );
     // script(1) runs the task on a pseudo-terminal, as a user's shell would.
     let mut command = Command::new("script");
@@ -680,7 +779,7 @@ fn publish_draws_bars_on_a_terminal() {
     let terminal = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", text(&output));
     assert!(terminal.contains("2/2 regions"), "no finished bar:\n{terminal}");
-    assert!(terminal.contains("2 to publish"), "no bar message:\n{terminal}");
+    assert!(terminal.contains("2 would publish"), "no bar message:\n{terminal}");
     assert!(
         !terminal.contains("publish: php-82 in us-east-1"),
         "plain lines on a terminal:\n{terminal}"

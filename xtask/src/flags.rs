@@ -166,7 +166,7 @@ pub struct PublishArgs {
     pub layer: Vec<LayerKind>,
 
     /// Text put before every layer name, to publish under your own names.
-    #[arg(long, default_value = "", value_name = "PREFIX")]
+    #[arg(long, default_value = "", hide_default_value = true, value_name = "PREFIX")]
     pub layer_prefix: String,
 
     /// Do not make the versions publicly readable. The version table

@@ -165,7 +165,7 @@ pub fn moto_server(cache: &Path) -> Result<PathBuf> {
     host::ensure(&[host::PYTHON3])?;
     let log = cache.join("logs").join("moto.log");
     eprintln!(
-        "test: installing moto[server] {MOTO_VERSION} from PyPI into {}",
+        "moto: installing moto[server] {MOTO_VERSION} from PyPI into {}, for the publish tests and benchmark",
         venv.display()
     );
     if venv.exists() {

@@ -66,19 +66,21 @@ impl Regions {
         toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
     }
 
-    /// Expands `all` and sorts the other names into known and unknown.
+    /// Expands `all` and sorts the other names into known and unknown,
+    /// trimmed, and without empty ones (as a trailing comma gives).
     pub fn select(&self, requested: &[String]) -> Selection {
         let mut selection = Selection {
             known: Vec::new(),
             unknown: Vec::new(),
         };
-        for name in requested {
+        for name in requested.iter().map(|name| name.trim()).filter(|name| !name.is_empty()) {
+            let name = name.to_string();
             if name == "all" {
                 selection.known.extend(self.enabled.iter().chain(&self.opt_in).cloned());
-            } else if self.enabled.contains(name) || self.opt_in.contains(name) {
-                selection.known.push(name.clone());
+            } else if self.enabled.contains(&name) || self.opt_in.contains(&name) {
+                selection.known.push(name);
             } else {
-                selection.unknown.push(name.clone());
+                selection.unknown.push(name);
             }
         }
         for list in [&mut selection.known, &mut selection.unknown] {
@@ -96,6 +98,9 @@ pub enum Outcome {
     UpToDate(i64),
     /// `--dry-run`: the layer would be published, replacing this version.
     WouldPublish(Option<i64>),
+    /// `--dry-run`: the version has the zip's content, and the run would
+    /// add the public permission (or confirm that it exists).
+    WouldMakePublic(i64),
     Failed(String),
 }
 
@@ -106,6 +111,7 @@ impl fmt::Display for Outcome {
             Outcome::UpToDate(version) => write!(f, "up to date (version {version})"),
             Outcome::WouldPublish(None) => write!(f, "would publish (first version)"),
             Outcome::WouldPublish(Some(version)) => write!(f, "would publish (after version {version})"),
+            Outcome::WouldMakePublic(version) => write!(f, "up to date (version {version}), would make public"),
             Outcome::Failed(reason) => write!(f, "failed: {reason}"),
         }
     }
@@ -172,6 +178,12 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let dist = crate::flags::absolute(args.out_dir.clone().unwrap_or_else(|| project.join("dist")));
     let regions = Regions::load(&project.join("layers/regions.toml"))?;
     let selection = regions.select(&args.regions);
+    if selection.known.is_empty() {
+        bail!(
+            "no known region in --regions {:?}: layers/regions.toml lists the known ones, or use `--regions all`",
+            args.regions.join(",")
+        );
+    }
     let layers = local_layers(args, &dist, &selection.known)?;
     // The table lists public versions only, so a private run writes none.
     let table_path = match (&args.table, args.private) {
@@ -190,15 +202,22 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     for region in &selection.unknown {
         eprintln!("warning: {}", unknown_region(region));
     }
+    let mut notes = Vec::new();
+    if args.dry_run {
+        notes.push("dry run: read requests only");
+    }
+    if args.private {
+        notes.push("private: no public permission, and no version table");
+    }
     eprintln!(
         "publish: {} to {}, {} requests at a time{}",
         plural(layers.len(), "layer"),
         plural(selection.known.len(), "region"),
         args.concurrency,
-        if args.dry_run {
-            " (dry run: read requests only)"
+        if notes.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(" ({})", notes.join("; "))
         }
     );
     let started = Instant::now();
@@ -231,11 +250,15 @@ pub fn run(args: &PublishArgs) -> Result<()> {
 
     // The summary comes first, so that it is printed even when the table
     // cannot be written.
-    let written = table_path.filter(|_| !args.dry_run);
+    // A run where every pair failed creates no empty table.
+    let has_version = reports
+        .iter()
+        .any(|report| matches!(report.outcome, Outcome::Published(_) | Outcome::UpToDate(_)));
+    let written = table_path.filter(|path| !args.dry_run && (has_version || path.exists()));
     if args.json {
         print_json(&reports, written.as_ref())?;
     } else {
-        print_summary(&reports);
+        print_summary(&reports, args.dry_run);
     }
     if let Some(path) = &written {
         write_table(path, &reports)?;
@@ -253,13 +276,25 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         }
     );
     if failed > 0 {
-        bail!("{failed} layer and region pairs failed; run the task again to publish only what is missing");
+        let mut advice = Vec::new();
+        if !selection.unknown.is_empty() {
+            advice.push("fix or remove the unknown regions in --regions");
+        }
+        if failed > selection.unknown.len() * layers.len() && !args.dry_run {
+            advice.push("run the task again: it publishes only what is missing");
+        }
+        let pairs = if reports.len() == 1 { "pair" } else { "pairs" };
+        let mut message = format!("{failed} of {} layer and region {pairs} failed", reports.len());
+        if !advice.is_empty() {
+            message = format!("{message}: {}", advice.join(", then "));
+        }
+        bail!(message);
     }
     Ok(())
 }
 
 fn unknown_region(region: &str) -> String {
-    format!("unknown region {region}: not in layers/regions.toml; check the spelling, or add the region there")
+    format!("unknown region {region:?}: not found in layers/regions.toml. Check the spelling, or add the region there")
 }
 
 fn plural(count: usize, noun: &str) -> String {
@@ -279,7 +314,7 @@ fn check_writable(table: &Path) -> Result<()> {
     };
     if !directory.is_dir() {
         bail!(
-            "cannot write {}: {} is not a directory",
+            "cannot write {}: directory {} not found. Create it, or choose another --table",
             table.display(),
             directory.display()
         );
@@ -324,11 +359,20 @@ fn local_layers(args: &PublishArgs, dist: &Path, regions: &[String]) -> Result<V
             continue;
         }
         let name = format!("{}{}", args.layer_prefix, layer.name);
-        check_layer_name(&name)?;
+        if !args.layer_prefix.is_empty() {
+            check_layer_name(&name).with_context(|| format!("invalid --layer-prefix {:?}", args.layer_prefix))?;
+        } else {
+            check_layer_name(&name)?;
+        }
         check_sizes(&layer, args.s3_bucket_prefix.is_some())?;
         let zip = dist.join(&layer.zip);
-        let digest = crate::sources::sha256_file(&zip)
-            .with_context(|| format!("{} is missing: run `cargo xtask build-layers` again", zip.display()))?;
+        if !zip.exists() {
+            bail!(
+                "{} not found, though {MANIFEST_NAME} lists it: run `cargo xtask build-layers` again",
+                zip.display()
+            );
+        }
+        let digest = crate::sources::sha256_file(&zip)?;
         if digest != layer.sha256 {
             bail!(
                 "{} changed since {MANIFEST_NAME} was written (sha256 {digest}, the manifest says {}): \
@@ -476,12 +520,14 @@ impl Pair {
         let latest = self.latest().await?;
         if let Some(latest) = &latest {
             if latest.code_sha256 == digest && self.confirm(latest.version, &digest).await? {
-                self.ensure_public(latest.version).await?;
-                return Ok(Outcome::UpToDate(latest.version));
+                return self.ensure_public(latest.version).await;
             }
         }
+        // A version that the attempts below find is this run's only when
+        // it is newer than this one.
+        let newest_before = latest.as_ref().map(|latest| latest.version);
         if self.shared.dry_run {
-            return Ok(Outcome::WouldPublish(latest.map(|latest| latest.version)));
+            return Ok(Outcome::WouldPublish(newest_before));
         }
 
         let content = self.content().await?;
@@ -517,8 +563,25 @@ impl Pair {
             } else {
                 Duration::ZERO
             };
-            self.wait("PublishLayerVersion", &failure, attempt, minimum).await;
-            if let Some(found) = self.latest().await?.filter(|found| found.code_sha256 == digest) {
+            let last = attempt >= ATTEMPTS;
+            if last {
+                self.shared.progress.step(
+                    &name,
+                    &self.region,
+                    &format!(
+                        "PublishLayerVersion failed on attempt {attempt} of {ATTEMPTS} ({}); checking whether it \
+                         published a version",
+                        failure.message
+                    ),
+                );
+                tokio::time::sleep(minimum).await;
+            } else {
+                self.wait("PublishLayerVersion", &failure, attempt, minimum).await;
+            }
+            let found = self.latest().await?.filter(|found| {
+                found.code_sha256 == digest && newest_before.is_none_or(|before| found.version > before)
+            });
+            if let Some(found) = found {
                 let version = found.version;
                 let code_sha256 = self
                     .request("GetLayerVersion", |clients| {
@@ -533,7 +596,7 @@ impl Pair {
                 );
                 break Latest { version, code_sha256 };
             }
-            if attempt >= ATTEMPTS {
+            if last {
                 return Err(failure);
             }
         };
@@ -577,14 +640,18 @@ impl Pair {
         Ok(code_sha256 == digest)
     }
 
-    /// Makes an existing version public, unless this run is private or
+    /// Makes an up-to-date version public, unless this run is private or
     /// layers.json already records the version (a run records a version
-    /// only after it is made public).
-    async fn ensure_public(&mut self, version: i64) -> Result<(), Failure> {
-        if self.shared.dry_run || self.shared.private || self.recorded() == Some(version) {
-            return Ok(());
+    /// only after it is made public). A dry run only reports it.
+    async fn ensure_public(&mut self, version: i64) -> Result<Outcome, Failure> {
+        if self.shared.private || self.recorded() == Some(version) {
+            return Ok(Outcome::UpToDate(version));
         }
-        self.make_public(version).await
+        if self.shared.dry_run {
+            return Ok(Outcome::WouldMakePublic(version));
+        }
+        self.make_public(version).await?;
+        Ok(Outcome::UpToDate(version))
     }
 
     /// Returns the zip's path, or for a large zip, its S3 object after the
@@ -725,7 +792,7 @@ pub fn write_table(path: &Path, reports: &[PairReport]) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(reports: &[PairReport]) {
+fn print_summary(reports: &[PairReport], dry_run: bool) {
     let width = reports
         .iter()
         .map(|report| report.layer.len())
@@ -739,14 +806,43 @@ fn print_summary(reports: &[PairReport]) {
             report.layer, report.region, report.retries, report.outcome
         );
     }
-    let count = |wanted: fn(&Outcome) -> bool| reports.iter().filter(|report| wanted(&report.outcome)).count();
-    println!(
-        "{} published, {} up to date, {} to publish, {} failed",
-        count(|outcome| matches!(outcome, Outcome::Published(_))),
-        count(|outcome| matches!(outcome, Outcome::UpToDate(_))),
-        count(|outcome| matches!(outcome, Outcome::WouldPublish(_))),
-        count(|outcome| matches!(outcome, Outcome::Failed(_))),
-    );
+    let counts = Counts::of(reports);
+    if dry_run {
+        println!(
+            "{} would publish, {} up to date, {} of them would be made public, {} failed",
+            counts.would_publish,
+            counts.up_to_date + counts.would_make_public,
+            counts.would_make_public,
+            counts.failed
+        );
+    } else {
+        println!(
+            "{} published, {} up to date, {} failed",
+            counts.published, counts.up_to_date, counts.failed
+        );
+    }
+}
+
+/// Outcome counts over all pairs.
+struct Counts {
+    published: usize,
+    up_to_date: usize,
+    would_publish: usize,
+    would_make_public: usize,
+    failed: usize,
+}
+
+impl Counts {
+    fn of(reports: &[PairReport]) -> Counts {
+        let count = |wanted: fn(&Outcome) -> bool| reports.iter().filter(|report| wanted(&report.outcome)).count();
+        Counts {
+            published: count(|outcome| matches!(outcome, Outcome::Published(_))),
+            up_to_date: count(|outcome| matches!(outcome, Outcome::UpToDate(_))),
+            would_publish: count(|outcome| matches!(outcome, Outcome::WouldPublish(_))),
+            would_make_public: count(|outcome| matches!(outcome, Outcome::WouldMakePublic(_))),
+            failed: count(|outcome| matches!(outcome, Outcome::Failed(_))),
+        }
+    }
 }
 
 fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
@@ -757,6 +853,7 @@ fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
                 Outcome::Published(version) => ("published", Some(*version), None),
                 Outcome::UpToDate(version) => ("up-to-date", Some(*version), None),
                 Outcome::WouldPublish(_) => ("would-publish", None, None),
+                Outcome::WouldMakePublic(version) => ("would-make-public", Some(*version), None),
                 Outcome::Failed(reason) => ("failed", None, Some(reason.clone())),
             };
             let replaces = match report.outcome {
@@ -774,11 +871,16 @@ fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
             })
         })
         .collect();
-    let failed = reports
-        .iter()
-        .filter(|report| matches!(report.outcome, Outcome::Failed(_)))
-        .count();
-    let summary = json!({ "pairs": pairs, "failed": failed, "table": table });
+    let counts = Counts::of(reports);
+    let summary = json!({
+        "pairs": pairs,
+        "published": counts.published,
+        "up_to_date": counts.up_to_date,
+        "would_publish": counts.would_publish,
+        "would_make_public": counts.would_make_public,
+        "failed": counts.failed,
+        "table": table,
+    });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -813,11 +915,13 @@ mod tests {
         assert!(all.known.len() >= 30, "{all:?}");
         assert!(all.known.contains(&"us-east-1".to_string()));
         assert!(all.unknown.is_empty());
+        // Names are trimmed, and empty ones (a trailing comma) are dropped.
         let some = regions.select(&[
             "eu-west-3".to_string(),
             "moon-1".to_string(),
-            "us-east-1".to_string(),
+            " us-east-1".to_string(),
             "eu-west-3".to_string(),
+            String::new(),
         ]);
         assert_eq!(
             some,

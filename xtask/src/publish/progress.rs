@@ -27,6 +27,7 @@ struct Counts {
     published: usize,
     up_to_date: usize,
     would_publish: usize,
+    would_make_public: usize,
     failed: usize,
     retries: usize,
 }
@@ -37,7 +38,8 @@ impl Counts {
         for (count, label) in [
             (self.published, "published"),
             (self.up_to_date, "up to date"),
-            (self.would_publish, "to publish"),
+            (self.would_publish, "would publish"),
+            (self.would_make_public, "would make public"),
             (self.failed, "failed"),
             (self.retries, "retries"),
         ] {
@@ -111,6 +113,7 @@ impl Progress {
             Outcome::Published(_) => counts.published += 1,
             Outcome::UpToDate(_) => counts.up_to_date += 1,
             Outcome::WouldPublish(_) => counts.would_publish += 1,
+            Outcome::WouldMakePublic(_) => counts.would_make_public += 1,
             Outcome::Failed(_) => counts.failed += 1,
         });
         if let Some(bar) = live.bars.get(&report.layer) {
