@@ -175,6 +175,16 @@ fn table(dist: &Path) -> Value {
     serde_json::from_str(&fs::read_to_string(dist.join("layers.json")).unwrap()).unwrap()
 }
 
+/// Returns an error response with `status` and the AWS error type.
+fn injected(status: u16, error_type: &str, retry_after: Option<u32>) -> Fault {
+    Fault::Status {
+        status,
+        error_type: error_type.to_string(),
+        message: format!("injected {status}"),
+        retry_after,
+    }
+}
+
 /// Returns the result line of `layer` in `region` in the summary table.
 fn summary_line(output: &Output, layer: &str, region: &str) -> String {
     String::from_utf8_lossy(&output.stdout)
@@ -284,18 +294,12 @@ fn publish_survives_injected_faults() {
         fault,
         times,
     };
-    let status = |status: u16, error_type: &str, retry_after: Option<u32>| Fault::Status {
-        status,
-        error_type: error_type.to_string(),
-        message: format!("injected {status}"),
-        retry_after,
-    };
     // Throttled reads, asking for a one-second wait.
     proxy.add_rule(rule(
         "GET",
         "/layers/php-82/versions",
         "us-east-1",
-        status(429, "TooManyRequestsException", Some(1)),
+        injected(429, "TooManyRequestsException", Some(1)),
         2,
     ));
     // Server errors on publishing.
@@ -303,14 +307,14 @@ fn publish_survives_injected_faults() {
         "POST",
         "/layers/arm-php-82/versions",
         "us-east-1",
-        status(503, "ServiceException", None),
+        injected(503, "ServiceException", None),
         1,
     ));
     proxy.add_rule(rule(
         "POST",
         "/layers/php-82/versions",
         "eu-west-3",
-        status(500, "ServiceException", None),
+        injected(500, "ServiceException", None),
         1,
     ));
     // A connection reset before moto receives the upload.
@@ -344,7 +348,7 @@ fn publish_survives_injected_faults() {
         "POST",
         "/layers/arm-php-82/versions/1/policy",
         "ap-south-1",
-        status(500, "ServiceException", None),
+        injected(500, "ServiceException", None),
         100,
     ));
     // An opt-in region the account has not enabled.
@@ -353,7 +357,7 @@ fn publish_survives_injected_faults() {
             region: Some("ap-east-1".to_string()),
             ..Match::default()
         },
-        fault: status(403, "UnrecognizedClientException", None),
+        fault: injected(403, "UnrecognizedClientException", None),
         times: 1000,
     });
 
@@ -493,35 +497,21 @@ fn publish_rejects_untested_zips() {
     // A dry run reports that the public run would make it public, and
     // makes no write.
     proxy.clear_requests();
-    let dry = publish(
-        &proxy.endpoint(),
-        dist.path(),
-        &[
-            "--regions",
-            "us-east-1",
-            "--skip-tests-check",
-            "--layer-prefix",
-            "acme-",
-            "--dry-run",
-        ],
-    );
+    let acme = [
+        "--regions",
+        "us-east-1",
+        "--skip-tests-check",
+        "--layer-prefix",
+        "acme-",
+    ];
+    let dry = publish(&proxy.endpoint(), dist.path(), &[&acme[..], &["--dry-run"]].concat());
     assert!(dry.status.success(), "{}", text(&dry));
     let line = summary_line(&dry, "acme-php-82", "us-east-1");
     assert!(line.contains("up to date (version 1), would make public"), "{line}");
     assert_eq!(writes(&proxy.requests()), Vec::<String>::new());
 
     // A public run makes the private version public without a new one.
-    let public = publish(
-        &proxy.endpoint(),
-        dist.path(),
-        &[
-            "--regions",
-            "us-east-1",
-            "--skip-tests-check",
-            "--layer-prefix",
-            "acme-",
-        ],
-    );
+    let public = publish(&proxy.endpoint(), dist.path(), &acme);
     assert!(public.status.success(), "{}", text(&public));
     assert!(summary_line(&public, "acme-php-82", "us-east-1").contains("up to date (version 1)"));
     assert!(is_public(&moto, "us-east-1", "acme-php-82", 1));
@@ -552,12 +542,7 @@ fn publish_checks_content_of_unrecorded_versions() {
         Match::any()
             .with_method("POST")
             .with_path_contains("/layers/php-82/versions"),
-        Fault::Status {
-            status: 500,
-            error_type: "ServiceException".to_string(),
-            message: "injected 500".to_string(),
-            retry_after: None,
-        },
+        injected(500, "ServiceException", None),
         1,
     ));
     let output = publish(
@@ -615,12 +600,7 @@ fn publish_gives_up_after_five_attempts() {
         Match::any()
             .with_method("POST")
             .with_path_contains("/layers/php-82/versions"),
-        Fault::Status {
-            status: 500,
-            error_type: "ServiceException".to_string(),
-            message: "injected 500".to_string(),
-            retry_after: None,
-        },
+        injected(500, "ServiceException", None),
         100,
     ));
 
@@ -683,12 +663,7 @@ fn publish_uploads_large_zips_through_s3() {
             path_contains: Some(".zip".to_string()),
             ..Match::default()
         },
-        fault: Fault::Status {
-            status: 503,
-            error_type: "SlowDown".to_string(),
-            message: "injected 503".to_string(),
-            retry_after: None,
-        },
+        fault: injected(503, "SlowDown", None),
         times: 1,
     });
     let args = ["--regions", "eu-west-3,us-east-1", "--s3-bucket-prefix", "acme-layers"];

@@ -823,25 +823,34 @@ fn print_summary(reports: &[PairReport], dry_run: bool) {
     }
 }
 
-/// Outcome counts over all pairs.
-struct Counts {
-    published: usize,
-    up_to_date: usize,
-    would_publish: usize,
-    would_make_public: usize,
-    failed: usize,
+/// Number of pairs with each outcome.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub published: usize,
+    pub up_to_date: usize,
+    pub would_publish: usize,
+    pub would_make_public: usize,
+    pub failed: usize,
 }
 
 impl Counts {
+    pub fn add(&mut self, outcome: &Outcome) {
+        let count = match outcome {
+            Outcome::Published(_) => &mut self.published,
+            Outcome::UpToDate(_) => &mut self.up_to_date,
+            Outcome::WouldPublish(_) => &mut self.would_publish,
+            Outcome::WouldMakePublic(_) => &mut self.would_make_public,
+            Outcome::Failed(_) => &mut self.failed,
+        };
+        *count += 1;
+    }
+
     fn of(reports: &[PairReport]) -> Counts {
-        let count = |wanted: fn(&Outcome) -> bool| reports.iter().filter(|report| wanted(&report.outcome)).count();
-        Counts {
-            published: count(|outcome| matches!(outcome, Outcome::Published(_))),
-            up_to_date: count(|outcome| matches!(outcome, Outcome::UpToDate(_))),
-            would_publish: count(|outcome| matches!(outcome, Outcome::WouldPublish(_))),
-            would_make_public: count(|outcome| matches!(outcome, Outcome::WouldMakePublic(_))),
-            failed: count(|outcome| matches!(outcome, Outcome::Failed(_))),
+        let mut counts = Counts::default();
+        for report in reports {
+            counts.add(&report.outcome);
         }
+        counts
     }
 }
 

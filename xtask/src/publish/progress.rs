@@ -9,7 +9,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::aws::{Failure, ATTEMPTS};
-use super::{Outcome, PairReport};
+use super::{Counts, Outcome, PairReport};
 
 pub struct Progress {
     live: Option<Live>,
@@ -18,29 +18,26 @@ pub struct Progress {
 struct Live {
     multi: MultiProgress,
     bars: HashMap<String, ProgressBar>,
-    counts: Mutex<HashMap<String, Counts>>,
+    counts: Mutex<HashMap<String, LayerCounts>>,
 }
 
-/// Outcome counts of one layer over its regions so far.
+/// Outcome counts of one layer over its regions so far, and its retries.
 #[derive(Default)]
-struct Counts {
-    published: usize,
-    up_to_date: usize,
-    would_publish: usize,
-    would_make_public: usize,
-    failed: usize,
+struct LayerCounts {
+    outcomes: Counts,
     retries: usize,
 }
 
-impl Counts {
+impl LayerCounts {
     fn message(&self) -> String {
+        let outcomes = &self.outcomes;
         let mut parts = Vec::new();
         for (count, label) in [
-            (self.published, "published"),
-            (self.up_to_date, "up to date"),
-            (self.would_publish, "would publish"),
-            (self.would_make_public, "would make public"),
-            (self.failed, "failed"),
+            (outcomes.published, "published"),
+            (outcomes.up_to_date, "up to date"),
+            (outcomes.would_publish, "would publish"),
+            (outcomes.would_make_public, "would make public"),
+            (outcomes.failed, "failed"),
             (self.retries, "retries"),
         ] {
             if count > 0 {
@@ -109,13 +106,7 @@ impl Progress {
             eprintln!("{line}");
             return;
         };
-        live.update(&report.layer, |counts| match report.outcome {
-            Outcome::Published(_) => counts.published += 1,
-            Outcome::UpToDate(_) => counts.up_to_date += 1,
-            Outcome::WouldPublish(_) => counts.would_publish += 1,
-            Outcome::WouldMakePublic(_) => counts.would_make_public += 1,
-            Outcome::Failed(_) => counts.failed += 1,
-        });
+        live.update(&report.layer, |counts| counts.outcomes.add(&report.outcome));
         if let Some(bar) = live.bars.get(&report.layer) {
             bar.inc(1);
         }
@@ -135,7 +126,7 @@ impl Progress {
 }
 
 impl Live {
-    fn update(&self, layer: &str, change: impl FnOnce(&mut Counts)) {
+    fn update(&self, layer: &str, change: impl FnOnce(&mut LayerCounts)) {
         let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let entry = counts.entry(layer.to_string()).or_default();
         change(entry);
