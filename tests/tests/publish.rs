@@ -8,6 +8,7 @@
 
 use std::env;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -434,14 +435,19 @@ fn publish_survives_injected_faults() {
     let summary: Value =
         serde_json::from_slice(&second.stdout).unwrap_or_else(|error| panic!("{error}\n{}", text(&second)));
     assert_eq!(summary["failed"], 0);
+    assert_eq!(summary["up_to_date"], 5);
+    assert_eq!(summary["made_public"], 1);
     let pairs = summary["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 6, "{summary}");
-    assert!(
-        pairs
-            .iter()
-            .all(|pair| pair["result"] == "up-to-date" && pair["version"] == 1),
-        "{summary}"
-    );
+    for pair in pairs {
+        let expected = if pair["layer"] == "arm-php-82" && pair["region"] == "ap-south-1" {
+            "made-public"
+        } else {
+            "up-to-date"
+        };
+        assert_eq!(pair["result"], expected, "{summary}");
+        assert_eq!(pair["version"], 1, "{summary}");
+    }
     assert_eq!(
         writes(&proxy_again.requests()),
         ["POST /2018-10-31/layers/arm-php-82/versions/1/policy"]
@@ -554,38 +560,75 @@ fn publish_checks_content_of_unrecorded_versions() {
     let line = summary_line(&output, "php-82", "us-east-1");
     assert!(line.contains("published (version 2)"), "{line}");
     assert_eq!(line.split_whitespace().nth(2), Some("1"), "{line}");
-    assert_eq!(versions(&moto, "us-east-1", "php-82")[0], (2, layers[0].code_sha256()));
+    let found = versions(&moto, "us-east-1", "php-82");
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0], (2, layers[0].code_sha256()));
     assert!(
         !is_public(&moto, "us-east-1", "php-82", 1),
         "the wrong version was made public"
     );
+}
 
-    // No credentials: one message, and no request.
-    proxy.clear_requests();
-    let mut command = xtask("publish");
-    without_aws_configuration(&mut command);
-    let output = command
-        .args([
-            "--regions",
-            "us-east-1",
-            "--endpoint-url",
-            &proxy.endpoint(),
-            "--out-dir",
-        ])
-        .arg(dist.path())
-        .arg("--table")
-        .arg(dist.path().join("layers.json"))
-        .output()
-        .unwrap();
+#[test]
+#[ignore = "needs the xtask binary: run `cargo xtask test`"]
+fn publish_stops_before_any_request() {
+    // Nothing listens upstream: the proxy records any request that the
+    // task would make.
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], 9)), Duration::ZERO).unwrap();
+    let dist = tempfile::tempdir().unwrap();
+    write_dist(dist.path(), &two_layers("stops"), true);
+    let run = |extra: &[&str], credentials: bool| {
+        let mut command = xtask("publish");
+        without_aws_configuration(&mut command);
+        if credentials {
+            command.envs(test_credentials());
+        }
+        command
+            .arg("--endpoint-url")
+            .arg(proxy.endpoint())
+            .arg("--out-dir")
+            .arg(dist.path())
+            .arg("--table")
+            .arg(dist.path().join("layers.json"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    // No credentials: one message.
+    let output = run(&["--regions", "us-east-1"], false);
     assert!(!output.status.success(), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no usable AWS credentials"), "{}", text(&output));
     assert_eq!(
         stderr.matches("no usable AWS credentials").count(),
         1,
         "{}",
         text(&output)
     );
+
+    // A named profile wins over the keys in the environment.
+    let output = run(&["--regions", "us-east-1", "--profile", "nosuch"], true);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("AWS profile \"nosuch\""), "{}", text(&output));
+
+    // No known region.
+    let output = run(&["--regions", "moon-1, ,"], true);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unknown region \"moon-1\": not found"),
+        "{}",
+        text(&output)
+    );
+    let output = run(&["--regions", ","], true);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--regions is empty"),
+        "{}",
+        text(&output)
+    );
+
     assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
 }
 
@@ -628,6 +671,35 @@ fn publish_gives_up_after_five_attempts() {
         "{requests:?}"
     );
     assert!(versions(&moto, "us-east-1", "php-82").is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("1 of 1 layer and region pair failed. Run the task again"),
+        "{stderr}"
+    );
+    assert!(
+        !dist.path().join("layers.json").exists(),
+        "a run where every pair failed wrote a table"
+    );
+
+    // Access denied is not retried, and the advice points at the policy.
+    proxy.add_rule(Rule::new(
+        Match::any()
+            .with_method("POST")
+            .with_path_contains("/layers/arm-php-82/versions"),
+        injected(403, "AccessDeniedException", None),
+        1,
+    ));
+    let denied = publish(
+        &proxy.endpoint(),
+        dist.path(),
+        &["--regions", "us-east-1", "--arch", "arm64"],
+    );
+    assert!(!denied.status.success(), "{}", text(&denied));
+    let line = summary_line(&denied, "arm-php-82", "us-east-1");
+    assert_eq!(line.split_whitespace().nth(2), Some("0"), "{line}");
+    assert!(line.contains("AccessDeniedException"), "{line}");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("README.md lists the IAM policy"), "{stderr}");
 }
 
 #[test]

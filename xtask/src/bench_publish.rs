@@ -225,7 +225,7 @@ pub fn render(all: &[PublishFigures]) -> String {
     );
     let _ = writeln!(
         page,
-        "| latency | run | requests | per pair | reads | time | ideal | ratio | ratio to ideal + own time |"
+        "| latency | run | requests | per pair | reads | time | ideal | ratio | time / (ideal + time at 0 ms) |"
     );
     let _ = writeln!(page, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     // The runs without added latency: the time moto and the task take of

@@ -66,7 +66,12 @@ pub async fn shared_config(settings: &Settings) -> aws_config::SdkConfig {
         loader = loader.endpoint_url(endpoint);
     }
     if let Some(profile) = &settings.profile {
-        loader = loader.profile_name(profile);
+        // The default chain reads AWS_ACCESS_KEY_ID before any profile:
+        // a named profile must win, as it does in the AWS CLI.
+        let credentials = aws_config::profile::ProfileFileCredentialsProvider::builder()
+            .profile_name(profile)
+            .build();
+        loader = loader.profile_name(profile).credentials_provider(credentials);
     }
     loader.load().await
 }
@@ -121,10 +126,15 @@ impl Clients {
             return Ok(Some(Latest {
                 version,
                 code_sha256: digest.to_string(),
+                verified: false,
             }));
         }
         let code_sha256 = self.code_sha256(name, version).await?;
-        Ok(Some(Latest { version, code_sha256 }))
+        Ok(Some(Latest {
+            version,
+            code_sha256,
+            verified: true,
+        }))
     }
 
     /// Calls PublishLayerVersion once and returns the new version and the
@@ -178,12 +188,14 @@ impl Clients {
                 .and_then(|content| content.code_sha256())
                 .unwrap_or_default()
                 .to_string(),
+            verified: true,
         })
     }
 
-    /// Lets every account read `version` of `name`. An existing statement
-    /// from an earlier run is not an error.
-    pub async fn make_public(&self, name: &str, version: i64) -> Result<(), Failure> {
+    /// Lets every account read `version` of `name`, and returns whether it
+    /// added the statement. An existing statement from an earlier run is
+    /// not an error.
+    pub async fn make_public(&self, name: &str, version: i64) -> Result<bool, Failure> {
         let result = self
             .lambda
             .add_layer_version_permission()
@@ -195,8 +207,8 @@ impl Clients {
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
-            Err(error) if error.code() == Some("ResourceConflictException") => Ok(()),
+            Ok(_) => Ok(true),
+            Err(error) if error.code() == Some("ResourceConflictException") => Ok(false),
             Err(error) => Err(Failure::from_sdk(&error)),
         }
     }
@@ -298,17 +310,22 @@ impl Clients {
 
     /// Fails with one clear message when no credentials can be found, before
     /// any pair starts and reports it as a connection failure.
-    pub async fn check_credentials(config: &aws_config::SdkConfig) -> anyhow::Result<()> {
+    pub async fn check_credentials(config: &aws_config::SdkConfig, profile: Option<&str>) -> anyhow::Result<()> {
         use aws_sdk_lambda::config::ProvideCredentials as _;
         let provider = config
             .credentials_provider()
             .ok_or_else(|| anyhow::anyhow!("no AWS credentials provider is configured"))?;
-        provider.provide_credentials().await.map_err(|error| {
-            anyhow::anyhow!(
+        provider.provide_credentials().await.map_err(|error| match profile {
+            Some(profile) => anyhow::anyhow!(
+                "cannot load the credentials of AWS profile {profile:?}. Check the name (`aws configure \
+                 list-profiles` lists them) and sign in if it uses SSO. The profile provider reported:\n{}",
+                innermost(&error)
+            ),
+            None => anyhow::anyhow!(
                 "no usable AWS credentials. Set AWS_PROFILE or --profile, or AWS_ACCESS_KEY_ID and \
                  AWS_SECRET_ACCESS_KEY. The credential providers reported:\n{}",
                 innermost(&error)
-            )
+            ),
         })?;
         Ok(())
     }
@@ -320,6 +337,9 @@ pub struct Latest {
     pub version: i64,
     /// Base64 sha256 of the zip, as Lambda's `CodeSha256`.
     pub code_sha256: String,
+    /// Whether `code_sha256` comes from Lambda itself, not from the
+    /// version's description.
+    pub verified: bool,
 }
 
 /// Parameters of a PublishLayerVersion call.
@@ -381,7 +401,8 @@ impl Failure {
             SdkError::TimeoutError(_) => {
                 failure.retryable = true;
                 failure.timed_out = true;
-                failure.message = "the attempt timed out (its limit is --timeout, plus time for uploads)".to_string();
+                failure.message =
+                    "the attempt timed out: its limit is --timeout, plus 1 s per 256 KiB uploaded".to_string();
             }
             SdkError::DispatchFailure(dispatch) => {
                 failure.retryable = !dispatch.is_user();

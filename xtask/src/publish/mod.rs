@@ -96,12 +96,27 @@ impl Regions {
 pub enum Outcome {
     Published(i64),
     UpToDate(i64),
+    /// The version had the zip's content, and this run added its public
+    /// permission.
+    MadePublic(i64),
     /// `--dry-run`: the layer would be published, replacing this version.
     WouldPublish(Option<i64>),
-    /// `--dry-run`: the version has the zip's content, and the run would
-    /// add the public permission (or confirm that it exists).
+    /// `--dry-run`: the version has the zip's content, but layers.json does
+    /// not record it, so the run would add its public permission unless it
+    /// exists.
     WouldMakePublic(i64),
     Failed(String),
+}
+
+impl Outcome {
+    /// Returns the public version that layers.json records for this
+    /// outcome, if any.
+    fn version_to_record(&self) -> Option<i64> {
+        match *self {
+            Outcome::Published(version) | Outcome::UpToDate(version) | Outcome::MadePublic(version) => Some(version),
+            Outcome::WouldPublish(_) | Outcome::WouldMakePublic(_) | Outcome::Failed(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Outcome {
@@ -111,7 +126,10 @@ impl fmt::Display for Outcome {
             Outcome::UpToDate(version) => write!(f, "up to date (version {version})"),
             Outcome::WouldPublish(None) => write!(f, "would publish (first version)"),
             Outcome::WouldPublish(Some(version)) => write!(f, "would publish (after version {version})"),
-            Outcome::WouldMakePublic(version) => write!(f, "up to date (version {version}), would make public"),
+            Outcome::MadePublic(version) => write!(f, "up to date (version {version}), made public"),
+            Outcome::WouldMakePublic(version) => {
+                write!(f, "up to date (version {version}), would make public if needed")
+            }
             Outcome::Failed(reason) => write!(f, "failed: {reason}"),
         }
     }
@@ -125,6 +143,9 @@ pub struct PairReport {
     pub outcome: Outcome,
     /// Requests that failed and were tried again.
     pub retries: u32,
+    /// Whether the pair failed on an error that may pass, such as
+    /// throttling, a server error or a timeout.
+    pub transient: bool,
 }
 
 /// A zip of the output directory, checked and ready to publish.
@@ -179,13 +200,21 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let regions = Regions::load(&project.join("layers/regions.toml"))?;
     let selection = regions.select(&args.regions);
     if selection.known.is_empty() {
+        if selection.unknown.is_empty() {
+            bail!("--regions is empty: give region names separated by commas, or `all`");
+        }
+        let unknown: Vec<String> = selection.unknown.iter().map(|name| format!("{name:?}")).collect();
+        let noun = if unknown.len() == 1 { "region" } else { "regions" };
         bail!(
-            "no known region in --regions {:?}: layers/regions.toml lists the known ones, or use `--regions all`",
-            args.regions.join(",")
+            "unknown {noun} {}: not found in layers/regions.toml. Check the spelling, or use `--regions all`",
+            unknown.join(", ")
         );
     }
     let layers = local_layers(args, &dist, &selection.known)?;
     // The table lists public versions only, so a private run writes none.
+    if args.private && args.table.is_some() {
+        eprintln!("warning: --table is ignored with --private, which writes no table");
+    }
     let table_path = match (&args.table, args.private) {
         (_, true) => None,
         (Some(path), false) => Some(path.clone()),
@@ -204,10 +233,16 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     }
     let mut notes = Vec::new();
     if args.dry_run {
-        notes.push("dry run: read requests only");
+        notes.push("dry run: read requests only".to_string());
     }
     if args.private {
-        notes.push("private: no public permission, and no version table");
+        notes.push("private: no public permission, and no version table".to_string());
+    }
+    if !selection.unknown.is_empty() {
+        notes.push(format!(
+            "and {}, whose pairs fail",
+            plural(selection.unknown.len(), "unknown region")
+        ));
     }
     eprintln!(
         "publish: {} to {}, {} requests at a time{}",
@@ -225,7 +260,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let progress = Arc::new(Progress::new(&names, selection.known.len()));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let config = runtime.block_on(aws::shared_config(&settings(args)));
-    runtime.block_on(Clients::check_credentials(&config))?;
+    runtime.block_on(Clients::check_credentials(&config, args.profile.as_deref()))?;
     let mut reports = runtime.block_on(publish_all(
         &config,
         args,
@@ -243,6 +278,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
                 region: region.clone(),
                 outcome: Outcome::Failed(unknown_region(region)),
                 retries: 0,
+                transient: false,
             });
         }
     }
@@ -253,7 +289,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     // A run where every pair failed creates no empty table.
     let has_version = reports
         .iter()
-        .any(|report| matches!(report.outcome, Outcome::Published(_) | Outcome::UpToDate(_)));
+        .any(|report| report.outcome.version_to_record().is_some());
     let written = table_path.filter(|path| !args.dry_run && (has_version || path.exists()));
     if args.json {
         print_json(&reports, written.as_ref())?;
@@ -276,21 +312,39 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         }
     );
     if failed > 0 {
-        let mut advice = Vec::new();
-        if !selection.unknown.is_empty() {
-            advice.push("fix or remove the unknown regions in --regions");
-        }
-        if failed > selection.unknown.len() * layers.len() && !args.dry_run {
-            advice.push("run the task again: it publishes only what is missing");
-        }
-        let pairs = if reports.len() == 1 { "pair" } else { "pairs" };
-        let mut message = format!("{failed} of {} layer and region {pairs} failed", reports.len());
-        if !advice.is_empty() {
-            message = format!("{message}: {}", advice.join(", then "));
-        }
-        bail!(message);
+        bail!(failure_advice(&reports, failed, args.dry_run));
     }
     Ok(())
+}
+
+/// Returns the final error of a run where `failed` pairs failed, with what
+/// to do about them.
+fn failure_advice(reports: &[PairReport], failed: usize, dry_run: bool) -> String {
+    let pairs = if reports.len() == 1 { "pair" } else { "pairs" };
+    let mut message = format!("{failed} of {} layer and region {pairs} failed.", reports.len());
+    let failures = reports.iter().filter_map(|report| match &report.outcome {
+        Outcome::Failed(reason) => Some((reason, report.transient)),
+        _ => None,
+    });
+    let (mut unknown, mut lasting) = (false, false);
+    for (reason, transient) in failures {
+        if reason.starts_with("unknown region") {
+            unknown = true;
+        } else if !transient {
+            lasting = true;
+        }
+    }
+    if unknown {
+        message.push_str(" Fix or remove the unknown regions in --regions.");
+    }
+    if lasting {
+        message.push_str(" Fix the errors shown in the summary: README.md lists the IAM policy that the task needs.");
+    }
+    if !dry_run {
+        let then = if unknown || lasting { "Then run" } else { "Run" };
+        message.push_str(&format!(" {then} the task again: it publishes only what is missing."));
+    }
+    message
 }
 
 fn unknown_region(region: &str) -> String {
@@ -312,6 +366,9 @@ fn check_writable(table: &Path) -> Result<()> {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
+    if table.is_dir() {
+        bail!("--table {} is a directory: give a file path", table.display());
+    }
     if !directory.is_dir() {
         bail!(
             "cannot write {}: directory {} not found. Create it, or choose another --table",
@@ -501,15 +558,19 @@ struct Pair {
 
 impl Pair {
     async fn run(mut self) -> PairReport {
-        let outcome = match self.publish().await {
-            Ok(outcome) => outcome,
-            Err(failure) => Outcome::Failed(self.explain(failure)),
+        let (outcome, transient) = match self.publish().await {
+            Ok(outcome) => (outcome, false),
+            Err(failure) => {
+                let transient = failure.retryable;
+                (Outcome::Failed(self.explain(failure)), transient)
+            }
         };
         PairReport {
             layer: self.local.name.clone(),
             region: self.region.clone(),
             outcome,
             retries: self.retries,
+            transient,
         }
     }
 
@@ -519,7 +580,7 @@ impl Pair {
         let digest = self.local.layer.code_sha256.clone();
         let latest = self.latest().await?;
         if let Some(latest) = &latest {
-            if latest.code_sha256 == digest && self.confirm(latest.version, &digest).await? {
+            if latest.code_sha256 == digest && (latest.verified || self.confirm(latest.version, &digest).await?) {
                 return self.ensure_public(latest.version).await;
             }
         }
@@ -594,7 +655,11 @@ impl Pair {
                     &self.region,
                     &format!("version {version} exists: the failed attempt had published it"),
                 );
-                break Latest { version, code_sha256 };
+                break Latest {
+                    version,
+                    code_sha256,
+                    verified: true,
+                };
             }
             if last {
                 return Err(failure);
@@ -650,8 +715,11 @@ impl Pair {
         if self.shared.dry_run {
             return Ok(Outcome::WouldMakePublic(version));
         }
-        self.make_public(version).await?;
-        Ok(Outcome::UpToDate(version))
+        if self.make_public(version).await? {
+            Ok(Outcome::MadePublic(version))
+        } else {
+            Ok(Outcome::UpToDate(version))
+        }
     }
 
     /// Returns the zip's path, or for a large zip, its S3 object after the
@@ -733,7 +801,7 @@ impl Pair {
         .await
     }
 
-    async fn make_public(&mut self, version: i64) -> Result<(), Failure> {
+    async fn make_public(&mut self, version: i64) -> Result<bool, Failure> {
         let name = self.local.name.clone();
         self.request("AddLayerVersionPermission", |clients| {
             let name = name.clone();
@@ -778,7 +846,7 @@ fn read_table(path: &Path) -> Result<Table> {
 pub fn write_table(path: &Path, reports: &[PairReport]) -> Result<()> {
     let mut table = read_table(path)?;
     for report in reports {
-        if let Outcome::Published(version) | Outcome::UpToDate(version) = report.outcome {
+        if let Some(version) = report.outcome.version_to_record() {
             table
                 .entry(report.layer.clone())
                 .or_default()
@@ -809,16 +877,13 @@ fn print_summary(reports: &[PairReport], dry_run: bool) {
     let counts = Counts::of(reports);
     if dry_run {
         println!(
-            "{} would publish, {} up to date, {} of them would be made public, {} failed",
-            counts.would_publish,
-            counts.up_to_date + counts.would_make_public,
-            counts.would_make_public,
-            counts.failed
+            "{} would publish, {} up to date, {} would be made public if needed, {} failed",
+            counts.would_publish, counts.up_to_date, counts.would_make_public, counts.failed
         );
     } else {
         println!(
-            "{} published, {} up to date, {} failed",
-            counts.published, counts.up_to_date, counts.failed
+            "{} published, {} up to date, {} made public, {} failed",
+            counts.published, counts.up_to_date, counts.made_public, counts.failed
         );
     }
 }
@@ -828,6 +893,7 @@ fn print_summary(reports: &[PairReport], dry_run: bool) {
 pub struct Counts {
     pub published: usize,
     pub up_to_date: usize,
+    pub made_public: usize,
     pub would_publish: usize,
     pub would_make_public: usize,
     pub failed: usize,
@@ -838,6 +904,7 @@ impl Counts {
         let count = match outcome {
             Outcome::Published(_) => &mut self.published,
             Outcome::UpToDate(_) => &mut self.up_to_date,
+            Outcome::MadePublic(_) => &mut self.made_public,
             Outcome::WouldPublish(_) => &mut self.would_publish,
             Outcome::WouldMakePublic(_) => &mut self.would_make_public,
             Outcome::Failed(_) => &mut self.failed,
@@ -861,6 +928,7 @@ fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
             let (result, version, reason) = match &report.outcome {
                 Outcome::Published(version) => ("published", Some(*version), None),
                 Outcome::UpToDate(version) => ("up-to-date", Some(*version), None),
+                Outcome::MadePublic(version) => ("made-public", Some(*version), None),
                 Outcome::WouldPublish(_) => ("would-publish", None, None),
                 Outcome::WouldMakePublic(version) => ("would-make-public", Some(*version), None),
                 Outcome::Failed(reason) => ("failed", None, Some(reason.clone())),
@@ -885,6 +953,7 @@ fn print_json(reports: &[PairReport], table: Option<&PathBuf>) -> Result<()> {
         "pairs": pairs,
         "published": counts.published,
         "up_to_date": counts.up_to_date,
+        "made_public": counts.made_public,
         "would_publish": counts.would_publish,
         "would_make_public": counts.would_make_public,
         "failed": counts.failed,
@@ -988,7 +1057,44 @@ mod tests {
             region: region.to_string(),
             outcome,
             retries: 0,
+            transient: false,
         }
+    }
+
+    #[test]
+    fn failure_advice_fits_the_failures() {
+        let unknown = report("php-82", "moon-1", Outcome::Failed(unknown_region("moon-1")));
+        let throttled = PairReport {
+            transient: true,
+            ..report(
+                "php-82",
+                "us-east-1",
+                Outcome::Failed("throttled (after 5 attempts)".to_string()),
+            )
+        };
+        let denied = report(
+            "php-82",
+            "eu-west-3",
+            Outcome::Failed("AccessDeniedException".to_string()),
+        );
+        let published = report("php-82", "eu-west-1", Outcome::Published(3));
+
+        let message = failure_advice(&[throttled.clone(), published.clone()], 1, false);
+        assert_eq!(
+            message,
+            "1 of 2 layer and region pairs failed. Run the task again: it publishes only what is missing."
+        );
+        let message = failure_advice(std::slice::from_ref(&unknown), 1, false);
+        assert!(message.starts_with("1 of 1 layer and region pair failed."), "{message}");
+        assert!(message.contains("Fix or remove the unknown regions"), "{message}");
+        assert!(!message.contains("IAM policy"), "{message}");
+        let message = failure_advice(&[denied, throttled, unknown], 3, true);
+        assert!(message.contains("IAM policy"), "{message}");
+        assert!(message.contains("unknown regions"), "{message}");
+        assert!(
+            !message.contains("run the task again"),
+            "a dry run advises a rerun: {message}"
+        );
     }
 
     #[test]

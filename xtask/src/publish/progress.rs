@@ -35,6 +35,7 @@ impl LayerCounts {
         for (count, label) in [
             (outcomes.published, "published"),
             (outcomes.up_to_date, "up to date"),
+            (outcomes.made_public, "made public"),
             (outcomes.would_publish, "would publish"),
             (outcomes.would_make_public, "would make public"),
             (outcomes.failed, "failed"),
