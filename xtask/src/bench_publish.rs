@@ -272,7 +272,11 @@ pub fn render(all: &[PublishFigures]) -> String {
         let times: Vec<f64> = times.map(|time| time.as_secs_f64() * 1000.0).collect();
         let low = times.iter().copied().fold(f64::INFINITY, f64::min);
         let high = times.iter().copied().fold(0.0, f64::max);
-        format!("{low:.0} to {high:.0} ms")
+        if format!("{low:.0}") == format!("{high:.0}") {
+            format!("{low:.0} ms")
+        } else {
+            format!("{low:.0} to {high:.0} ms")
+        }
     };
     let _ = writeln!(
         page,
