@@ -125,6 +125,20 @@ impl Moto {
     }
 }
 
+/// Points `command`, a `cargo xtask publish` command, at the emulator behind
+/// `endpoint`, with the zips of `dist` and the table `dist/layers.json`,
+/// and without the user's AWS configuration.
+pub fn aim_at_emulator(command: &mut Command, endpoint: &str, dist: &Path) {
+    without_aws_configuration(command);
+    command
+        .arg("--endpoint-url")
+        .arg(endpoint)
+        .arg("--out-dir")
+        .arg(dist)
+        .arg("--table")
+        .arg(dist.join("layers.json"));
+}
+
 /// Removes every `AWS_*` variable of this process (credentials, profile,
 /// region, endpoints) from `command`'s environment, and points it away from
 /// the user's AWS files and the instance metadata service, so that only

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use layer_tests::fault_proxy::{Fault, FaultProxy, Match, Record, Rule};
 use layer_tests::manifest::xtask;
-use layer_tests::moto::{without_aws_configuration, Moto};
+use layer_tests::moto::{aim_at_emulator, without_aws_configuration, Moto};
 
 /// The secret key the task is given: it must never appear in its output.
 const SECRET_KEY: &str = "tEsTsEcReT0123456789abcdefNeverPrinted";
@@ -144,14 +144,8 @@ fn test_credentials() -> [(&'static str, &'static str); 2] {
 /// appear nowhere in its output.
 fn publish(endpoint: &str, dist: &Path, extra: &[&str]) -> Output {
     let mut command = xtask("publish");
-    without_aws_configuration(&mut command);
+    aim_at_emulator(&mut command, endpoint, dist);
     let output = command
-        .arg("--endpoint-url")
-        .arg(endpoint)
-        .arg("--out-dir")
-        .arg(dist)
-        .arg("--table")
-        .arg(dist.join("layers.json"))
         .args(extra)
         .envs(test_credentials())
         .env("RUST_LOG", "trace")
@@ -579,20 +573,11 @@ fn publish_stops_before_any_request() {
     write_dist(dist.path(), &two_layers("stops"), true);
     let run = |extra: &[&str], credentials: bool| {
         let mut command = xtask("publish");
-        without_aws_configuration(&mut command);
+        aim_at_emulator(&mut command, &proxy.endpoint(), dist.path());
         if credentials {
             command.envs(test_credentials());
         }
-        command
-            .arg("--endpoint-url")
-            .arg(proxy.endpoint())
-            .arg("--out-dir")
-            .arg(dist.path())
-            .arg("--table")
-            .arg(dist.path().join("layers.json"))
-            .args(extra)
-            .output()
-            .unwrap()
+        command.args(extra).output().unwrap()
     };
 
     // No credentials: one message.
@@ -784,7 +769,8 @@ fn publish_uploads_large_zips_through_s3() {
     let (status, body) = moto
         .request("eu-west-3", "DELETE", "/2018-10-31/layers/php-82-fpm/versions/1", "")
         .unwrap();
-    // Lambda returns 204, and moto returns 200.
+    // Lambda returns 204 (its API reference for DeleteLayerVersion), and
+    // moto returns 200.
     assert!(matches!(status, 200 | 204), "{status} {body}");
     assert_eq!(versions(&moto, "eu-west-3", "php-82-fpm"), []);
     proxy.clear_requests();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use base64::Engine as _;
 use layer_tests::fault_proxy::FaultProxy;
-use layer_tests::moto::{without_aws_configuration, Moto};
+use layer_tests::moto::{aim_at_emulator, Moto};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -131,23 +131,15 @@ fn measure_at(cache: &Path, latency: Duration) -> Result<PublishFigures> {
     let run = |label: &str| -> Result<Duration> {
         let started = Instant::now();
         let mut command = Command::new(std::env::current_exe()?);
-        command
-            .arg("publish")
+        command.arg("publish");
+        aim_at_emulator(&mut command, &proxy.endpoint(), dist.path());
+        // Dummy credentials: moto does not check them.
+        let output = command
             .arg("--regions")
             .arg(regions.join(","))
             .arg("--concurrency")
             .arg(CONCURRENCY.to_string())
-            .arg("--endpoint-url")
-            .arg(proxy.endpoint())
-            .arg("--out-dir")
-            .arg(dist.path())
-            .arg("--table")
-            .arg(dist.path().join("layers.json"))
-            .env("CI", "true");
-        // Test credentials for the emulator, and none of the user's AWS
-        // configuration.
-        without_aws_configuration(&mut command);
-        let output = command
+            .env("CI", "true")
             .env("AWS_ACCESS_KEY_ID", "bench")
             .env("AWS_SECRET_ACCESS_KEY", "bench")
             .output()?;

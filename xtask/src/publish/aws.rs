@@ -66,8 +66,8 @@ pub async fn shared_config(settings: &Settings) -> aws_config::SdkConfig {
         loader = loader.endpoint_url(endpoint);
     }
     if let Some(profile) = &settings.profile {
-        // The default chain reads AWS_ACCESS_KEY_ID before any profile:
-        // a named profile must win, as it does in the AWS CLI.
+        // The default chain reads AWS_ACCESS_KEY_ID before any profile, so
+        // the profile the user named gets its own provider.
         let credentials = aws_config::profile::ProfileFileCredentialsProvider::builder()
             .profile_name(profile)
             .build();

@@ -143,9 +143,19 @@ pub struct PairReport {
     pub outcome: Outcome,
     /// Requests that failed and were tried again.
     pub retries: u32,
-    /// Whether the pair failed on an error that may pass, such as
-    /// throttling, a server error or a timeout.
-    pub transient: bool,
+    /// Kind of the failure, for an `Outcome::Failed`.
+    pub failure: Option<FailureKind>,
+}
+
+/// Cause of a failed pair, which decides the advice for the next run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A name in --regions that layers/regions.toml does not list.
+    UnknownRegion,
+    /// Throttling, a server error or a timeout, which may pass.
+    Transient,
+    /// An error that stays until the user fixes it, such as access denied.
+    Lasting,
 }
 
 /// A zip of the output directory, checked and ready to publish.
@@ -278,7 +288,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
                 region: region.clone(),
                 outcome: Outcome::Failed(unknown_region(region)),
                 retries: 0,
-                transient: false,
+                failure: Some(FailureKind::UnknownRegion),
             });
         }
     }
@@ -299,10 +309,6 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     if let Some(path) = &written {
         write_table(path, &reports)?;
     }
-    let failed = reports
-        .iter()
-        .filter(|report| matches!(report.outcome, Outcome::Failed(_)))
-        .count();
     eprintln!(
         "publish: done in {:.1} s{}",
         started.elapsed().as_secs_f64(),
@@ -311,29 +317,27 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             None => String::new(),
         }
     );
-    if failed > 0 {
-        bail!(failure_advice(&reports, failed, args.dry_run));
+    if let Some(advice) = failure_advice(&reports, args.dry_run) {
+        bail!(advice);
     }
     Ok(())
 }
 
-/// Returns the final error of a run where `failed` pairs failed, with what
-/// to do about them.
-fn failure_advice(reports: &[PairReport], failed: usize, dry_run: bool) -> String {
-    let pairs = if reports.len() == 1 { "pair" } else { "pairs" };
-    let mut message = format!("{failed} of {} layer and region {pairs} failed.", reports.len());
-    let failures = reports.iter().filter_map(|report| match &report.outcome {
-        Outcome::Failed(reason) => Some((reason, report.transient)),
-        _ => None,
-    });
-    let (mut unknown, mut lasting) = (false, false);
-    for (reason, transient) in failures {
-        if reason.starts_with("unknown region") {
-            unknown = true;
-        } else if !transient {
-            lasting = true;
-        }
+/// Returns the final error of a run where some pairs failed, with what to
+/// do about them, or `None` when no pair failed.
+fn failure_advice(reports: &[PairReport], dry_run: bool) -> Option<String> {
+    let failures: Vec<FailureKind> = reports.iter().filter_map(|report| report.failure).collect();
+    if failures.is_empty() {
+        return None;
     }
+    let pairs = if reports.len() == 1 { "pair" } else { "pairs" };
+    let mut message = format!(
+        "{} of {} layer and region {pairs} failed.",
+        failures.len(),
+        reports.len()
+    );
+    let unknown = failures.contains(&FailureKind::UnknownRegion);
+    let lasting = failures.contains(&FailureKind::Lasting);
     if unknown {
         message.push_str(" Fix or remove the unknown regions in --regions.");
     }
@@ -344,7 +348,7 @@ fn failure_advice(reports: &[PairReport], failed: usize, dry_run: bool) -> Strin
         let then = if unknown || lasting { "Then run" } else { "Run" };
         message.push_str(&format!(" {then} the task again: it publishes only what is missing."));
     }
-    message
+    Some(message)
 }
 
 fn unknown_region(region: &str) -> String {
@@ -558,11 +562,15 @@ struct Pair {
 
 impl Pair {
     async fn run(mut self) -> PairReport {
-        let (outcome, transient) = match self.publish().await {
-            Ok(outcome) => (outcome, false),
+        let (outcome, kind) = match self.publish().await {
+            Ok(outcome) => (outcome, None),
             Err(failure) => {
-                let transient = failure.retryable;
-                (Outcome::Failed(self.explain(failure)), transient)
+                let kind = if failure.retryable {
+                    FailureKind::Transient
+                } else {
+                    FailureKind::Lasting
+                };
+                (Outcome::Failed(self.explain(failure)), Some(kind))
             }
         };
         PairReport {
@@ -570,7 +578,7 @@ impl Pair {
             region: self.region.clone(),
             outcome,
             retries: self.retries,
-            transient,
+            failure: kind,
         }
     }
 
@@ -584,8 +592,8 @@ impl Pair {
                 return self.ensure_public(latest.version).await;
             }
         }
-        // A version that the attempts below find is this run's only when
-        // it is newer than this one.
+        // A version found after a failed attempt below is this run's only
+        // when it is newer than the newest version now.
         let newest_before = latest.as_ref().map(|latest| latest.version);
         if self.shared.dry_run {
             return Ok(Outcome::WouldPublish(newest_before));
@@ -644,17 +652,20 @@ impl Pair {
             });
             if let Some(found) = found {
                 let version = found.version;
+                self.shared.progress.step(
+                    &name,
+                    &self.region,
+                    &format!("version {version} exists: the failed attempt had published it"),
+                );
+                if found.verified {
+                    break found;
+                }
                 let code_sha256 = self
                     .request("GetLayerVersion", |clients| {
                         let name = name.clone();
                         async move { clients.code_sha256(&name, version).await }
                     })
                     .await?;
-                self.shared.progress.step(
-                    &name,
-                    &self.region,
-                    &format!("version {version} exists: the failed attempt had published it"),
-                );
                 break Latest {
                     version,
                     code_sha256,
@@ -1052,20 +1063,24 @@ mod tests {
     }
 
     fn report(layer: &str, region: &str, outcome: Outcome) -> PairReport {
+        let failure = matches!(outcome, Outcome::Failed(_)).then_some(FailureKind::Lasting);
         PairReport {
             layer: layer.to_string(),
             region: region.to_string(),
             outcome,
             retries: 0,
-            transient: false,
+            failure,
         }
     }
 
     #[test]
     fn failure_advice_fits_the_failures() {
-        let unknown = report("php-82", "moon-1", Outcome::Failed(unknown_region("moon-1")));
+        let unknown = PairReport {
+            failure: Some(FailureKind::UnknownRegion),
+            ..report("php-82", "moon-1", Outcome::Failed(unknown_region("moon-1")))
+        };
         let throttled = PairReport {
-            transient: true,
+            failure: Some(FailureKind::Transient),
             ..report(
                 "php-82",
                 "us-east-1",
@@ -1079,16 +1094,21 @@ mod tests {
         );
         let published = report("php-82", "eu-west-1", Outcome::Published(3));
 
-        let message = failure_advice(&[throttled.clone(), published.clone()], 1, false);
+        assert_eq!(failure_advice(std::slice::from_ref(&published), false), None);
+        let message = failure_advice(&[throttled.clone(), published.clone()], false).unwrap();
         assert_eq!(
             message,
             "1 of 2 layer and region pairs failed. Run the task again: it publishes only what is missing."
         );
-        let message = failure_advice(std::slice::from_ref(&unknown), 1, false);
+        let message = failure_advice(std::slice::from_ref(&unknown), false).unwrap();
         assert!(message.starts_with("1 of 1 layer and region pair failed."), "{message}");
         assert!(message.contains("Fix or remove the unknown regions"), "{message}");
         assert!(!message.contains("IAM policy"), "{message}");
-        let message = failure_advice(&[denied, throttled, unknown], 3, true);
+        let message = failure_advice(&[denied, throttled, unknown], true).unwrap();
+        assert!(
+            message.starts_with("3 of 3 layer and region pairs failed."),
+            "{message}"
+        );
         assert!(message.contains("IAM policy"), "{message}");
         assert!(message.contains("unknown regions"), "{message}");
         assert!(
